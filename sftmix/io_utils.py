@@ -46,3 +46,26 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """The ``checkpoint-N`` dirs of a Trainer run that were saved completely, oldest first.
+
+    The HF Trainer writes a checkpoint in place and ``trainer_state.json`` last, so a run killed while saving
+    leaves a directory without it; such a directory is not a resume point.
+    """
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        if step.isdigit() and path.is_dir() and (path / "trainer_state.json").is_file():
+            found.append((int(step), path))
+    return [path for _, path in sorted(found)]
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest completely saved checkpoint of ``output_dir`` (see `complete_checkpoints`), or None."""
+    checkpoints = complete_checkpoints(output_dir)
+    return str(checkpoints[-1]) if checkpoints else None

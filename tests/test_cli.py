@@ -17,7 +17,9 @@ DATA = ASSETS / "data"
 
 
 def test_help_lists_all_subcommands():
-    out = subprocess.run([sys.executable, "-m", "sftmix.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "sftmix.cli", "--help"], capture_output=True, text=True, check=True
+    )
     for command in ("dynamics", "train", "run", "eval", "datamap", "demo"):
         assert f"    {command}" in out.stdout
     assert set(COMMANDS) == {"dynamics", "train", "run", "eval", "datamap", "demo"}
@@ -26,7 +28,14 @@ def test_help_lists_all_subcommands():
 def test_subcommand_help_lists_trl_and_sftmix_fields(capsys):
     assert main(["train", "--help"]) == 0
     text = capsys.readouterr().out
-    for flag in ("--mixup_weight", "--mixup_alpha", "--dynamics_path", "--num_train_epochs", "--use_peft", "--dataset_name"):
+    for flag in (
+        "--mixup_weight",
+        "--mixup_alpha",
+        "--dynamics_path",
+        "--num_train_epochs",
+        "--use_peft",
+        "--dataset_name",
+    ):
         assert flag in text
 
 
@@ -36,7 +45,9 @@ def test_config_file_then_overrides(tmp_path):
         "dataset_name: data.jsonl\nlearning_rate: 1.0e-5\nmixup_weight: 0.5\noutput_dir: out\n"
         "use_peft: true\nlora_r: 4\nnum_checkpoints: 5\nper_device_train_batch_size: 4\n"
     )
-    data, dyn, model, train = parse_config("run", ["--config", str(cfg), "--mixup_weight", "0.3", "--max_steps", "7"])
+    data, dyn, model, train = parse_config(
+        "run", ["--config", str(cfg), "--mixup_weight", "0.3", "--max_steps", "7"]
+    )
     assert data.dataset_name == "data.jsonl"
     assert train.learning_rate == 1e-5 and train.mixup_weight == 0.3 and train.max_steps == 7
     assert train.per_device_train_batch_size == 4 and train.output_dir == "out"
@@ -46,7 +57,9 @@ def test_config_file_then_overrides(tmp_path):
 
 
 def test_eval_arguments():
-    (args,) = parse_config("eval", ["--task", "medmcqa", "--data_path", "x.json", "--limit", "5", "--output_dir", "o"])
+    (args,) = parse_config(
+        "eval", ["--task", "medmcqa", "--data_path", "x.json", "--limit", "5", "--output_dir", "o"]
+    )
     assert (args.task, args.data_path, args.limit, args.output_dir) == ("medmcqa", "x.json", 5, "o")
 
 
@@ -54,7 +67,10 @@ def test_eval_arguments():
     "argv, message",
     [
         (["--num_train_epoch", "3"], "unknown option 'num_train_epoch'; did you mean 'num_train_epochs'?"),
-        (["--config", str(BAD / "config_typo.yaml")], "config_typo.yaml: unknown option 'learning_rat'; did you mean 'learning_rate'?"),
+        (
+            ["--config", str(BAD / "config_typo.yaml")],
+            "config_typo.yaml: unknown option 'learning_rat'; did you mean 'learning_rate'?",
+        ),
         (["--config", str(BAD / "config_not_mapping.yaml")], "must be a YAML mapping"),
         (["--config", str(BAD / "config_invalid.yaml")], "config_invalid.yaml: line 2: invalid YAML"),
         (["--config", "missing.yaml"], "config file not found: missing.yaml"),
@@ -79,7 +95,15 @@ def test_unknown_command(capsys):
 @pytest.mark.parametrize("command", ["dynamics", "train", "run"])
 def test_bad_data_exits_2_and_writes_nothing(tmp_path, capsys, command, bad, tiny_llama_dir):
     out = tmp_path / "out"
-    argv = [command, "--dataset_name", str(BAD / bad), "--model_name_or_path", tiny_llama_dir, "--output_dir", str(out)]
+    argv = [
+        command,
+        "--dataset_name",
+        str(BAD / bad),
+        "--model_name_or_path",
+        tiny_llama_dir,
+        "--output_dir",
+        str(out),
+    ]
     if command == "train":
         argv += ["--mixup_weight", "0"]
     assert main(argv) == 2
@@ -90,7 +114,13 @@ def test_bad_data_exits_2_and_writes_nothing(tmp_path, capsys, command, bad, tin
 
 def test_missing_model_is_one_line(tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["train", "--dataset_name", str(DATA / "alpaca.json"), "--model_name_or_path", str(tmp_path / "nope")]
+    argv = [
+        "train",
+        "--dataset_name",
+        str(DATA / "alpaca.json"),
+        "--model_name_or_path",
+        str(tmp_path / "nope"),
+    ]
     assert main(argv + ["--output_dir", str(out), "--mixup_weight", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model not found" in err[0]

@@ -101,7 +101,9 @@ def test_assistant_only_labels(tokenizer):
     ]
     out = tokenize_messages(tokenizer, messages)
     assert len(out["input_ids"]) == len(out["labels"])
-    learned = tokenizer.decode([t for t, label in zip(out["input_ids"], out["labels"], strict=True) if label != -100])
+    learned = tokenizer.decode(
+        [t for t, label in zip(out["input_ids"], out["labels"], strict=True) if label != -100]
+    )
     # both responses and the end-of-turn token closing each; no prompt, no role header
     assert learned == "bc<|im_end|>ef<|im_end|>"
     # the labels equal the ids where they count (unshifted, like TRL's)
@@ -141,7 +143,10 @@ def test_prepare_applies_selection(tokenizer, tmp_path):
         ("all_empty.jsonl", r"all_empty\.jsonl: every response is empty"),
         ("empty.jsonl", r"empty\.jsonl: file is empty"),
         ("not_utf8.jsonl", r"not_utf8\.jsonl: line 2: not UTF-8"),
-        ("unknown_format.jsonl", r"unknown_format\.jsonl: line 1: unknown data format \(keys: answer, question\)"),
+        (
+            "unknown_format.jsonl",
+            r"unknown_format\.jsonl: line 1: unknown data format \(keys: answer, question\)",
+        ),
         ("bad_role.jsonl", r"bad_role\.jsonl: line 1: field 'messages\[0\]\.role': unknown role 'human'"),
         ("bad_speaker.jsonl", r"line 1: field 'conversations\[0\]\.from': unknown speaker 'alien'"),
         ("no_assistant.jsonl", r"no_assistant\.jsonl: line 1: no assistant turn"),

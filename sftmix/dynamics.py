@@ -1,0 +1,663 @@
+"""Stages 1 and 2 of SFTMix: training-dynamics confidence and the confident / unconfident split.
+
+The path through this module, top to bottom:
+
+1. `confidence_scores` and `median_split` are the method's arithmetic: ``Confidence(i) = -(1/C) sum_c
+   Perp_c(i)`` over C reference checkpoints, then the top half by confidence is confident.
+2. `score_checkpoint` measures ``Perp_c(i)``: the perplexity of each example's response tokens given its
+   instruction, in no-grad batches grouped by length. Only the positions that carry loss go through the LM
+   head, a chunk at a time, so no ``[batch, seq, vocab]`` tensor is ever built.
+3. `train_reference` trains the reference model with plain next-token prediction and saves C checkpoints
+   evenly spaced through the run (`CheckpointScheduleCallback`).
+4. `run_dynamics` drives it all, resumably: it writes one scores file per checkpoint as soon as it is
+   scored, then ``dynamics.jsonl``, ``dynamics_summary.json`` and the data map ``datamap.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from datasets import Dataset
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, TrainerCallback
+from transformers.trainer_utils import SaveStrategy, get_last_checkpoint
+
+from .errors import SFTMixError
+from .io_utils import atomic_write_json, atomic_write_jsonl
+
+logger = logging.getLogger(__name__)
+
+CONFIDENT, UNCONFIDENT = "confident", "unconfident"
+SIGNIFICANT_DIGITS = 8
+"""Floats in ``dynamics.jsonl`` are rounded to this many significant digits (fixed, byte-stable output)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. The arithmetic of stages 1 and 2
+
+
+def confidence_scores(perplexities: Any) -> np.ndarray:
+    """Confidence of each example: minus its perplexity averaged over the C checkpoints.
+
+    Args:
+        perplexities: ``[N, C]`` array-like, ``Perp_c(i)`` for example ``i`` at checkpoint ``c``.
+
+    Returns:
+        ``[N]`` float64 array, ``-(1/C) * sum_c Perp_c(i)``; higher means more confident.
+
+    >>> confidence_scores([[2.0, 4.0], [1.5, 1.5], [10.0, 6.0]]).tolist()
+    [-3.0, -1.5, -8.0]
+    """
+    perplexities = np.asarray(perplexities, dtype=np.float64)
+    if perplexities.ndim != 2 or perplexities.shape[1] == 0:
+        raise ValueError(f"perplexities must be [N, C] with C >= 1, got shape {perplexities.shape}")
+    if not np.isfinite(perplexities).all():
+        raise ValueError("perplexities must be finite")
+    return -perplexities.mean(axis=1)
+
+
+def median_split(confidences: Any) -> np.ndarray:
+    """Split at the median: True for the confident half (``D^c``), False for the rest (``D^u``).
+
+    Examples are sorted by confidence, highest first; the first ``N // 2`` are confident. Ties are broken by
+    dataset order: of two examples with equal confidence the earlier one ranks higher (and is the one that
+    lands in the confident half when the tie straddles the median). With odd ``N`` the extra example goes to
+    the unconfident set, so exactly ``N // 2`` examples are confident.
+
+    Args:
+        confidences: ``[N]`` array-like of confidences (e.g. from `confidence_scores`).
+
+    Returns:
+        ``[N]`` boolean numpy array in dataset order.
+
+    >>> median_split([-3.0, -1.5, -8.0, -2.0]).tolist()
+    [False, True, False, True]
+    >>> median_split([-1.0, -1.0, -1.0]).tolist()  # odd N, all tied: the earliest example wins
+    [True, False, False]
+    """
+    confidences = np.asarray(confidences, dtype=np.float64)
+    if confidences.ndim != 1:
+        raise ValueError(f"confidences must be 1-D, got shape {confidences.shape}")
+    if np.isnan(confidences).any():
+        raise ValueError("confidences must not be NaN")
+    n = len(confidences)
+    # lexsort sorts by the last key first: descending confidence, then ascending dataset index.
+    ranking = np.lexsort((np.arange(n), -confidences))
+    confident = np.zeros(n, dtype=bool)
+    confident[ranking[: n // 2]] = True
+    return confident
+
+
+def variability_scores(perplexities: Any) -> np.ndarray:
+    """Variability of each example across checkpoints: the standard deviation of ``Perp_c(i)`` over c.
+
+    This is Dataset Cartography's variability (the population std, ``ddof=0``, of the per-epoch measure whose
+    mean is the confidence), applied to the measure SFTMix averages: perplexity. It is the x axis of the data
+    map; the split does not use it.
+
+    >>> variability_scores([[2.0, 4.0], [1.5, 1.5]]).tolist()
+    [1.0, 0.0]
+    """
+    perplexities = np.asarray(perplexities, dtype=np.float64)
+    if perplexities.ndim != 2 or perplexities.shape[1] == 0:
+        raise ValueError(f"perplexities must be [N, C] with C >= 1, got shape {perplexities.shape}")
+    return perplexities.std(axis=1)
+
+
+def checkpoint_steps(total_steps: int, num_checkpoints: int) -> list[int]:
+    """The C optimizer steps to save at: ``round(k * T / C)`` for ``k = 1..C`` (half up), step 0 excluded.
+
+    >>> checkpoint_steps(10, 3)
+    [3, 7, 10]
+    >>> checkpoint_steps(64, 4)
+    [16, 32, 48, 64]
+    """
+    if num_checkpoints < 1:
+        raise SFTMixError(f"num_checkpoints must be >= 1, got {num_checkpoints}")
+    if total_steps < num_checkpoints:
+        raise SFTMixError(
+            f"the reference run has {total_steps} optimizer steps, fewer than num_checkpoints={num_checkpoints}: "
+            "lower num_checkpoints, the batch size or gradient_accumulation_steps, or use more data"
+        )
+    # Integer arithmetic for round-half-up of k*T/C, so no float ever decides a step.
+    return [
+        (2 * k * total_steps + num_checkpoints) // (2 * num_checkpoints)
+        for k in range(1, num_checkpoints + 1)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Scoring a checkpoint
+
+
+def head_logit_transform(config: Any) -> tuple[float, float | None]:
+    """``(logit_scale, final_logit_softcapping)`` the model applies to its LM head output.
+
+    Read from the (text) config exactly as TRL's ``add_fused_lm_head`` reads them: ``logit_scale`` (Cohere),
+    ``output_multiplier``, ``lm_head_multiplier`` (Falcon-H1), ``1 / logits_scaling`` (Granite, MiniCPM3; a
+    multiplier for HyperCLOVA X), and Gemma's ``final_logit_softcapping``. Logits are scaled, then soft-capped.
+    """
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    scale = getattr(text_config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text_config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text_config, "lm_head_multiplier", None)
+    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
+        logits_scaling = text_config.logits_scaling
+        scale = logits_scaling if text_config.model_type == "hyperclovax" else 1 / logits_scaling
+    return (1.0 if scale is None else float(scale)), (float(softcap) if softcap else None)
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Row indices in batches of ``batch_size``, longest first (ties by index), so padding stays minimal.
+
+    >>> length_grouped_batches([3, 9, 5, 9, 1], 2)
+    [[1, 3], [2, 0], [4]]
+    """
+    if batch_size < 1:
+        raise SFTMixError(f"scoring_batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def response_token_counts(dataset: Dataset) -> np.ndarray:
+    """Per example, the number of tokens whose NLL is scored: ``labels[t] != -100`` for ``t >= 1``.
+
+    Position 0 is never predicted (nothing precedes it), as in the shifted SFT loss.
+    """
+    return np.array(
+        [sum(label != -100 for label in labels[1:]) for labels in dataset["labels"]], dtype=np.int64
+    )
+
+
+@torch.no_grad()
+def _score_batch(
+    model: PreTrainedModel, rows: list[dict[str, list[int]]], chunk_size: int, device: torch.device
+) -> torch.Tensor:
+    """Perplexity of each row of one batch (right-padded to the batch's own longest row)."""
+    width = max(len(row["input_ids"]) for row in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)  # pad id is irrelevant: masked, no loss
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for b, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[b, :n] = torch.tensor(row["input_ids"])
+        attention_mask[b, :n] = 1
+        labels[b, :n] = torch.tensor(row["labels"])
+    input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
+
+    # The backbone's last hidden state is the LM head's input; the head runs on loss positions only.
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state
+    targets = labels[:, 1:]
+    mask = targets != -100
+    hidden, targets = hidden[:, :-1][mask], targets[mask]  # [n_tokens, H], [n_tokens]
+    example = mask.nonzero()[:, 0]
+    head = model.get_output_embeddings()
+    scale, softcap = head_logit_transform(model.config)
+    nll = torch.empty(len(targets), dtype=torch.float32, device=device)
+    for start in range(0, len(targets), chunk_size):
+        logits = head(hidden[start : start + chunk_size].to(head.weight.device)).float().to(device)
+        logits = logits * scale
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        chunk_targets = targets[start : start + chunk_size]
+        gold = logits.gather(-1, chunk_targets[:, None])[:, 0]
+        nll[start : start + chunk_size] = torch.logsumexp(logits, dim=-1) - gold
+    sums = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, example, nll.double())
+    counts = torch.bincount(example, minlength=len(rows)).double()
+    return torch.exp(sums / counts).cpu()  # an example with no scored token gives NaN (0/0)
+
+
+def score_checkpoint(
+    model: PreTrainedModel,
+    dataset: Dataset,
+    batch_size: int = 16,
+    *,
+    chunk_size: int = 1024,
+    bf16: bool = False,
+    show_progress: bool = True,
+    desc: str = "Scoring",
+) -> np.ndarray:
+    """Perplexity of every example's response given its instruction: ``exp(mean NLL)`` over its loss tokens.
+
+    Args:
+        model: A causal LM (``get_output_embeddings`` and ``base_model`` with a ``last_hidden_state``).
+            Put it on the device to score on first; it is used in eval mode and left as it was.
+        dataset: Rows with ``input_ids`` and unshifted ``labels`` (``-100`` where no loss), as made by
+            `sftmix.data.tokenize_sft_dataset`.
+        batch_size: Examples per no-grad forward. Batches are grouped by length (longest first) and padded
+            only to their own longest row.
+        chunk_size: Loss positions per LM-head chunk: bounds the float32 ``[chunk, vocab]`` logits buffer.
+        bf16: Run under bfloat16 autocast (as when the training config sets ``bf16``).
+        show_progress: Show a tqdm bar (main process only).
+        desc: The progress bar's label.
+
+    Returns:
+        ``[N]`` float64 array of perplexities in dataset order. NaN for an example with no scored token.
+
+    Under ``accelerate launch`` each process scores every ``num_processes``-th batch and the results are
+    gathered, so every process returns the same array, bit-identical to a single-process run (each example
+    is computed in the same batch either way).
+    """
+    state = PartialState()
+    batches = length_grouped_batches([len(ids) for ids in dataset["input_ids"]], batch_size)
+    mine = batches[state.process_index :: state.num_processes]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    results: list[tuple[int, float]] = []
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            for batch in tqdm(mine, desc=desc, disable=not show_progress or not state.is_local_main_process):
+                rows = [dataset[i] for i in batch]
+                results.extend(
+                    zip(batch, _score_batch(model, rows, chunk_size, device).tolist(), strict=True)
+                )
+    finally:
+        model.train(was_training)
+    if state.num_processes > 1:
+        results = gather_object(results)
+    perplexities = np.full(len(dataset), np.nan)
+    for index, value in results:
+        perplexities[index] = value
+    return perplexities
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. The reference run
+
+
+class CheckpointScheduleCallback(TrainerCallback):
+    """Save exactly at `checkpoint_steps` ``(T, C)``, where ``T`` is the run's total number of optimizer steps.
+
+    Use it with ``save_strategy="no"``; the steps are computed when training (or a resumed run) begins.
+    """
+
+    def __init__(self, num_checkpoints: int) -> None:
+        self.num_checkpoints = num_checkpoints
+        self.save_steps: list[int] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.save_steps = checkpoint_steps(state.max_steps, self.num_checkpoints)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.save_steps:
+            control.should_save = True
+        return control
+
+
+def _reference_args(training_args: Any, output_dir: Path, epochs: float) -> Any:
+    """The target's training config, redirected to the reference run: its own dir, epochs, no other saves."""
+    changes: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        num_train_epochs=epochs,
+        save_strategy=SaveStrategy.NO,
+        save_total_limit=None,
+        load_best_model_at_end=False,
+        push_to_hub=False,
+    )
+    field_names = {f.name for f in dataclasses.fields(training_args)}
+    # Plain NTP: if the config is an SFTMixConfig, switch the regulariser off (no dynamics exist yet).
+    changes.update({k: v for k, v in (("mixup_weight", 0.0), ("dynamics_path", None)) if k in field_names})
+    return dataclasses.replace(training_args, **changes)
+
+
+REFERENCE_SETTINGS = (
+    "learning_rate",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_steps",
+    "seed",
+    "weight_decay",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "warmup_ratio",
+)
+"""Training fields that change the reference checkpoints: a rerun with other values does not resume."""
+
+
+def _reference_settings(model_args: Any, training_args: Any, epochs: float, num_checkpoints: int) -> dict:
+    settings = {name: getattr(training_args, name, None) for name in REFERENCE_SETTINGS}
+    settings.update(
+        model=model_args.model_name_or_path,
+        use_peft=bool(getattr(model_args, "use_peft", False)),
+        epochs=epochs,
+        num_checkpoints=num_checkpoints,
+    )
+    return json.loads(json.dumps(settings, default=str))  # JSON-comparable (enums as strings)
+
+
+def train_reference(
+    model_args: Any,
+    dataset: Dataset,
+    tokenizer: Any,
+    num_checkpoints: int,
+    training_args: Any,
+    reference_dir: Path,
+    epochs: float = 1.0,
+    trainer_cls: type | None = None,
+) -> list[Path]:
+    """Train the reference model with plain NTP and return its C checkpoint directories, in step order.
+
+    Args:
+        model_args: `trl.ModelConfig`; ``model_name_or_path`` is the reference model, ``dtype`` /
+            ``attn_implementation`` / ``use_peft`` (LoRA) apply.
+        dataset: Tokenized rows (``input_ids``, ``labels``), trained on as is.
+        tokenizer: The reference model's tokenizer (saved with each checkpoint).
+        num_checkpoints: C.
+        training_args: The run's `SFTMixConfig`; copied with ``output_dir=reference_dir``, ``epochs`` and
+            ``save_strategy="no"`` (the callback forces the C saves). ``max_steps`` applies if set.
+        reference_dir: Where the checkpoints go. A rerun resumes from its latest checkpoint.
+        epochs: ``num_train_epochs`` of the reference run.
+        trainer_cls: Trainer class taking ``trl.SFTTrainer``'s arguments (default ``trl.SFTTrainer``).
+    """
+    from trl import SFTTrainer, get_peft_config
+
+    from .models import load_model
+
+    # A marker file records which data the run is on and, once finished, its checkpoint steps: a rerun of a
+    # finished run skips training, and a run dir trained on other data is never silently mixed with this one.
+    marker = reference_dir / "sftmix_reference.json"
+    fingerprint = dataset_fingerprint(dataset)
+    settings = _reference_settings(model_args, training_args, epochs, num_checkpoints)
+    if marker.is_file():
+        done = json.loads(marker.read_text(encoding="utf-8"))
+        if done.get("fingerprint") != fingerprint:
+            raise SFTMixError(
+                f"{reference_dir} holds a reference run on other data (or another max_length): "
+                "use a new output_dir or delete that directory"
+            )
+        changed = sorted(k for k in settings if done.get("settings", {}).get(k) != settings[k])
+        if changed:
+            raise SFTMixError(
+                f"{reference_dir} holds a reference run with other settings ({', '.join(changed)}): "
+                "use a new output_dir or delete that directory"
+            )
+        checkpoints = [reference_dir / f"checkpoint-{step}" for step in done.get("checkpoint_steps", [])]
+        if (
+            done.get("complete")
+            and len(checkpoints) == num_checkpoints
+            and all(c.is_dir() for c in checkpoints)
+        ):
+            logger.info("The reference run in %s is complete: not training again", reference_dir)
+            return checkpoints
+    state = PartialState()
+    if state.is_main_process:
+        atomic_write_json(marker, {"complete": False, "fingerprint": fingerprint, "settings": settings})
+
+    args = _reference_args(training_args, reference_dir, epochs)
+    model = load_model(
+        model_args.model_name_or_path,
+        dtype=model_args.dtype,
+        attn_implementation=model_args.attn_implementation,
+    )
+    schedule = CheckpointScheduleCallback(num_checkpoints)
+    trainer = (trainer_cls or SFTTrainer)(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=[schedule],
+    )
+    last = get_last_checkpoint(str(reference_dir)) if reference_dir.is_dir() else None
+    if last is not None:
+        logger.info("Resuming the reference run from %s", last)
+    trainer.train(resume_from_checkpoint=last)
+    steps = schedule.save_steps
+    del trainer, model
+    gc.collect()
+    if state.is_main_process:
+        record = {
+            "checkpoint_steps": steps,
+            "complete": True,
+            "fingerprint": fingerprint,
+            "settings": settings,
+        }
+        atomic_write_json(marker, record)
+    state.wait_for_everyone()
+    return [reference_dir / f"checkpoint-{step}" for step in steps]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. The stage-1 driver
+
+
+def dataset_fingerprint(dataset: Dataset) -> str:
+    """SHA-256 (16 hex digits) of the ids, token ids and labels, in order: what a scores file was made from."""
+    digest = hashlib.sha256()
+    for row_id, ids, labels in zip(dataset["id"], dataset["input_ids"], dataset["labels"], strict=True):
+        digest.update(row_id.encode())
+        digest.update(np.asarray(ids, dtype=np.int64).tobytes())
+        digest.update(np.asarray(labels, dtype=np.int64).tobytes())
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.{SIGNIFICANT_DIGITS}g}")
+
+
+def _checkpoint_names(checkpoints: Sequence[Path]) -> list[str]:
+    """``ckpt-<step>`` for ``checkpoint-<step>`` dirs; ``ckpt-<k>`` (1-based position) when steps are not unique."""
+    steps = [re.fullmatch(r"checkpoint-(\d+)", Path(c).name) for c in checkpoints]
+    if all(steps) and len({m.group(1) for m in steps}) == len(steps):
+        return [f"ckpt-{int(m.group(1))}" for m in steps]
+    return [f"ckpt-{k}" for k in range(1, len(checkpoints) + 1)]
+
+
+def _checkpoint_key(path: Path, output_dir: Path) -> str:
+    """How a scores file names its checkpoint: relative to ``output_dir`` if inside it, else absolute."""
+    try:
+        return path.resolve().relative_to(output_dir.resolve()).as_posix()
+    except ValueError:
+        return path.resolve().as_posix()
+
+
+def _load_for_scoring(path: Path, dtype: str | None) -> PreTrainedModel:
+    """A checkpoint as a plain model; a LoRA checkpoint is merged into its base model (scoring only)."""
+    from .models import load_model
+
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftConfig, PeftModel
+
+        base = load_model(PeftConfig.from_pretrained(str(path)).base_model_name_or_path, dtype=dtype)
+        return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    return load_model(str(path), dtype=dtype)
+
+
+def _score_all(
+    checkpoints: list[Path],
+    dataset: Dataset,
+    scores_dir: Path,
+    dyn_args: Any,
+    training_args: Any,
+    dtype: str | None,
+) -> np.ndarray:
+    """``[N, C]`` perplexities; each checkpoint's scores are read from, or written to, ``scores_dir``.
+
+    A scores file is reused only if it was made from the same data (fingerprint) and the same checkpoint:
+    named relative to the output dir when it lies inside it (so a moved or copied run dir stays valid).
+    """
+    state = PartialState()
+    fingerprint = dataset_fingerprint(dataset)
+    columns = []
+    for path, name in zip(checkpoints, _checkpoint_names(checkpoints), strict=True):
+        checkpoint_key = _checkpoint_key(path, scores_dir.parent)
+        scores_file = scores_dir / f"{name}.json"
+        if scores_file.is_file():
+            saved = json.loads(scores_file.read_text(encoding="utf-8"))
+            if saved.get("fingerprint") == fingerprint and saved.get("checkpoint") == checkpoint_key:
+                logger.info("Reusing the scores of %s from %s", path, scores_file)
+                columns.append(np.asarray(saved["perplexities"], dtype=np.float64))
+                continue
+            logger.warning("%s was made from other data or another checkpoint: scoring again", scores_file)
+        model = _load_for_scoring(path, dtype).to(state.device)
+        perplexities = score_checkpoint(
+            model,
+            dataset,
+            dyn_args.scoring_batch_size,
+            chunk_size=getattr(training_args, "head_chunk_size", 1024),
+            bf16=bool(getattr(training_args, "bf16", False)),
+            desc=f"Scoring {name}",
+        )
+        del model
+        gc.collect()
+        if state.is_main_process:
+            record = {"checkpoint": checkpoint_key, "fingerprint": fingerprint, "ids": list(dataset["id"])}
+            atomic_write_json(scores_file, {**record, "perplexities": perplexities.tolist()})
+        state.wait_for_everyone()
+        columns.append(perplexities)
+    return np.stack(columns, axis=1)
+
+
+def build_dynamics_rows(
+    ids: Sequence[str], indices: Sequence[int], perplexities: np.ndarray, num_tokens: Sequence[int]
+) -> list[dict[str, Any]]:
+    """The ``dynamics.jsonl`` rows. Perplexities are rounded first and everything else is computed from the
+    rounded values, so `confidence_scores` and `median_split` on the file's own numbers reproduce its split."""
+    bad = [ids[i] for i in np.flatnonzero(~np.isfinite(perplexities).all(axis=1))]
+    if bad:
+        raise SFTMixError(f"example {bad[0]} has no response token to score ({len(bad)} such examples)")
+    rounded = np.vectorize(_round)(perplexities)
+    confidence = np.array([_round(c) for c in confidence_scores(rounded)])
+    confident = median_split(confidence)
+    variability = variability_scores(rounded)
+    return [
+        {
+            "id": ids[i],
+            "index": int(indices[i]),
+            "perplexities": rounded[i].tolist(),
+            "confidence": float(confidence[i]),
+            "variability": _round(variability[i]),
+            "split": CONFIDENT if confident[i] else UNCONFIDENT,
+            "num_response_tokens": int(num_tokens[i]),
+        }
+        for i in range(len(ids))
+    ]
+
+
+def summarize_dynamics(rows: list[dict[str, Any]], checkpoints: Sequence[Path | str]) -> dict[str, Any]:
+    """Counts, checkpoint list and confidence statistics of a dynamics file (``dynamics_summary.json``)."""
+    confidence = np.array([row["confidence"] for row in rows])
+    perplexities = np.array([row["perplexities"] for row in rows])
+    quantiles = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+    steps = [re.fullmatch(r"checkpoint-(\d+)", Path(c).name) for c in checkpoints]
+    n_confident = sum(row["split"] == CONFIDENT for row in rows)
+    return {
+        "num_examples": len(rows),
+        "num_checkpoints": len(checkpoints),
+        "checkpoints": [str(c) for c in checkpoints],
+        "checkpoint_steps": [int(m.group(1)) if m else None for m in steps],
+        "num_confident": n_confident,
+        "num_unconfident": len(rows) - n_confident,
+        "confidence_mean": _round(confidence.mean()),
+        "confidence_std": _round(confidence.std()),
+        "confidence_quantiles": {
+            f"q{round(q * 100):02d}": _round(np.quantile(confidence, q)) for q in quantiles
+        },
+        "mean_perplexity_per_checkpoint": [_round(p) for p in perplexities.mean(axis=0)],
+        "variability_mean": _round(np.mean([row["variability"] for row in rows])),
+    }
+
+
+def run_dynamics(
+    model_args: Any,
+    data_args: Any,
+    dyn_args: Any,
+    training_args: Any,
+    trainer_cls: type | None = None,
+) -> Path:
+    """Stage 1 and 2: confidence of every training example and the median split; returns ``dynamics.jsonl``.
+
+    Args:
+        model_args: `trl.ModelConfig`; ``model_name_or_path`` is the target (and, by default, the reference).
+        data_args: `sftmix.sftmix_config.DataArguments` (dataset, format, ``max_examples``, ``selection``).
+        dyn_args: `sftmix.sftmix_config.DynamicsArguments` (C, reference model, epochs, checkpoints to score).
+        training_args: `sftmix.SFTMixConfig`: ``output_dir``, ``max_length`` and the reference run's settings.
+        trainer_cls: The reference run's trainer class (default ``trl.SFTTrainer``).
+
+    Writes to ``output_dir``: ``reference/checkpoint-*`` (unless ``score_checkpoints`` is given),
+    ``scores/ckpt-*.json`` (one per checkpoint, written as each is scored), ``dynamics.jsonl``,
+    ``dynamics_summary.json`` and ``datamap.png``. Rerunning the same command after a crash resumes the
+    reference run from its latest checkpoint, reuses the scores already written and ends with the same bytes.
+    """
+    from .data import load_sft_dataset, tokenize_sft_dataset
+    from .models import load_tokenizer, resolve_model
+    from .selection import apply_selection
+
+    _ = training_args.device  # sets up accelerate's state as the Trainer will (CPU / backend / process group)
+    state = PartialState()
+    output_dir = Path(training_args.output_dir)
+    reference = dyn_args.reference_model_name_or_path or model_args.model_name_or_path
+    given = [Path(p.strip()) for p in (dyn_args.score_checkpoints or "").split(",") if p.strip()]
+    if not given and not reference:
+        raise SFTMixError("set model_name_or_path (or reference_model_name_or_path, or score_checkpoints)")
+    for path in given:
+        if not path.is_dir():
+            raise SFTMixError(f"score_checkpoints: {path} is not a checkpoint directory")
+    if given:  # the tokenizer must be the checkpoints' own: use theirs when they carry one
+        has_tokenizer = (given[0] / "tokenizer_config.json").is_file()
+        tokenizer = load_tokenizer(str(given[0]) if has_tokenizer or not reference else reference)
+    else:
+        reference = resolve_model(reference)
+        tokenizer = load_tokenizer(reference)
+
+    loaded = load_sft_dataset(data_args)
+    row_of = {row_id: i for i, row_id in enumerate(loaded["id"])}
+    selected = apply_selection(loaded, data_args.selection, tokenizer=tokenizer)
+    dataset = tokenize_sft_dataset(
+        selected, tokenizer, training_args.max_length, getattr(training_args, "truncation_mode", "keep_start")
+    )
+
+    if given:
+        checkpoints = given
+    else:
+        reference_model_args = dataclasses.replace(model_args, model_name_or_path=reference)
+        checkpoints = train_reference(
+            reference_model_args,
+            dataset,
+            tokenizer,
+            dyn_args.num_checkpoints,
+            training_args,
+            output_dir / "reference",
+            epochs=dyn_args.reference_epochs,
+            trainer_cls=trainer_cls,
+        )
+    perplexities = _score_all(
+        checkpoints, dataset, output_dir / "scores", dyn_args, training_args, model_args.dtype
+    )
+
+    ids = list(dataset["id"])
+    rows = build_dynamics_rows(ids, [row_of[i] for i in ids], perplexities, response_token_counts(dataset))
+    summary = summarize_dynamics(rows, checkpoints)
+    summary["reference_model"] = (
+        None if given else (dyn_args.reference_model_name_or_path or model_args.model_name_or_path)
+    )
+    dynamics_path = output_dir / "dynamics.jsonl"
+    if state.is_main_process:
+        atomic_write_jsonl(dynamics_path, rows)
+        atomic_write_json(output_dir / "dynamics_summary.json", summary)
+        logger.info("Stage 1-2 summary: %s", json.dumps(summary, sort_keys=True))
+        from .datamap import draw_datamap
+
+        name = Path(summary["reference_model"] or given[-1]).name
+        draw_datamap(dynamics_path, output_dir / "datamap.png", title=f"SFTMix data map of {name}")
+    state.wait_for_everyone()
+    return dynamics_path

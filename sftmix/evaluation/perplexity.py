@@ -1,0 +1,115 @@
+"""Held-out response perplexity on any SFT file: the quantity stage 1 of SFTMix measures, on new data.
+
+The file is read and tokenised exactly as for training (`sftmix.data.load_sft_dataset` and
+`tokenize_sft_dataset`), so only assistant tokens count. Two figures are reported:
+
+- ``perplexity``: token-weighted, ``exp(sum of response-token NLL / number of response tokens)`` over the set;
+- ``mean_example_perplexity``: the mean over examples of ``exp(mean NLL of the example's response tokens)``,
+  the per-example ``Perp`` that SFTMix averages over checkpoints to get confidence.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..data import load_sft_dataset, tokenize_sft_dataset
+from ..sftmix_config import DataArguments
+
+
+@torch.inference_mode()
+def response_nll(
+    model: PreTrainedModel,
+    examples: list[dict[str, Any]],
+    pad_token_id: int,
+    batch_size: int = 8,
+) -> list[tuple[float, int]]:
+    """Summed NLL of the response tokens of each example, and how many there are.
+
+    Args:
+        model: A causal LM.
+        examples: Dicts with ``input_ids`` and ``labels`` (``-100`` outside responses, unshifted: the logits at
+            position ``t - 1`` predict ``labels[t]``).
+        pad_token_id: Id used to right-pad a batch (its positions carry no label).
+        batch_size: Examples per forward pass (sorted by length to waste little padding).
+
+    Returns:
+        ``(nll_sum, n_tokens)`` per example, in input order.
+    """
+    device = next(model.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]), reverse=True)
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+    for start in tqdm(range(0, len(order), batch_size), desc="Perplexity", unit="batch"):
+        batch = [examples[i] for i in order[start : start + batch_size]]
+        width = max(len(ex["input_ids"]) for ex in batch)
+        input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, ex in enumerate(batch):
+            input_ids[r, : len(ex["input_ids"])] = torch.tensor(ex["input_ids"])
+            labels[r, : len(ex["labels"])] = torch.tensor(ex["labels"])
+            attention_mask[r, : len(ex["input_ids"])] = 1
+        targets = labels[:, 1:]
+        # Run the LM head only on positions that predict a response token in some row of the batch.
+        keep = targets.ne(-100).any(0).nonzero().squeeze(-1)
+        logits = model(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            logits_to_keep=keep.to(device),
+        ).logits
+        for r in range(len(batch)):
+            nll = F.cross_entropy(
+                logits[r].float(), targets[r, keep].to(logits.device), ignore_index=-100, reduction="sum"
+            )
+            results[order[start + r]] = (float(nll), int(targets[r, keep].ne(-100).sum()))
+    return results
+
+
+def evaluate_perplexity(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data_path: str,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Response perplexity of ``model`` on the SFT file ``data_path`` (any format `load_sft_dataset` reads).
+
+    Args:
+        model: A causal LM.
+        tokenizer: Its tokenizer (chat template used to render the conversations).
+        data_path: Local SFT file (or Hub dataset name).
+        limit: Use only the first N examples.
+        batch_size: Examples per forward pass.
+        max_length: Truncation length (keeps the start); default: the model's ``max_position_embeddings``.
+
+    Returns:
+        ``{"perplexity", "mean_example_perplexity", "nll_per_token", "tokens", "n"}`` and one dict per example
+        (``id``, ``tokens``, ``nll``, ``perplexity``).
+    """
+    dataset = load_sft_dataset(DataArguments(dataset_name=data_path, max_examples=limit))
+    max_length = max_length or getattr(model.config, "max_position_embeddings", None)
+    tokenized = tokenize_sft_dataset(dataset, tokenizer, max_length)
+    examples = [{"input_ids": ex["input_ids"], "labels": ex["labels"]} for ex in tokenized]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    nlls = response_nll(model, examples, pad_id, batch_size)
+    rows = [
+        {"id": ex_id, "tokens": n, "nll": nll, "perplexity": math.exp(nll / n)}
+        for ex_id, (nll, n) in zip(tokenized["id"], nlls, strict=True)
+        if n > 0
+    ]
+    total_nll = sum(r["nll"] for r in rows)
+    total_tokens = sum(r["tokens"] for r in rows)
+    metrics = {
+        "perplexity": math.exp(total_nll / total_tokens),
+        "mean_example_perplexity": sum(r["perplexity"] for r in rows) / len(rows),
+        "nll_per_token": total_nll / total_tokens,
+        "tokens": total_tokens,
+        "n": len(rows),
+    }
+    return metrics, rows

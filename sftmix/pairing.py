@@ -1,0 +1,239 @@
+"""Stage 2 consumed by stage 3: the confident/unconfident split, balanced pairs, and per-row roles.
+
+SFTMix mixes every confident example with an unconfident one, so every micro-batch must hold B/2 confident and
+B/2 unconfident examples, paired one-to-one at random. The pieces:
+
+- `load_split` reads ``dynamics.jsonl`` (from ``sftmix dynamics``) and returns, for the training dataset's ids in
+  order, True for the confident examples. Any mismatch (missing ids, another dataset, NaN, malformed lines)
+  is a one-line `SFTMixError` naming the file and line.
+- `BalancedPairSampler` yields dataset indices as interleaved pairs ``c0, u0, c1, u1, ...``: every run of B
+  consecutive indices starting at a multiple of B (a micro-batch) is balanced, and its k-th confident row is
+  paired with its k-th unconfident row.
+- `MixupRoleCollator` wraps TRL's collator and adds the ``mixup_role`` of each row (from the example ``id``, never
+  from its position) and the ``example_ids`` (for error messages).
+
+When the halves differ in size (the median split gives ``|D^u| = |D^c|`` or ``|D^c| + 1``; filtering or
+truncation can widen the gap), an epoch has ``max(|D^c|, |D^u|)`` pairs, rounded up to whole micro-batches on
+every process; each half is a random permutation of its examples, extended with the start of a further random
+permutation where it is too short. So every example appears at least once per epoch and the examples of the
+smaller half that appear twice are drawn at random.
+
+Distributed training: HF Trainer hands the sampler to a ``DataLoader`` with ``batch_size =
+per_device_train_batch_size`` and accelerate (1.15) wraps its batch sampler in ``BatchSamplerShard``, which gives
+process ``r`` the whole batches ``r, r + n, r + 2n, ...`` (``split_batches=False``, the default) and, with
+``even_batches``, completes a last round by cycling through whole batches of the beginning of the epoch. Each
+batch being balanced, every process's micro-batches are balanced. Every process builds the same order from
+``(seed, epoch)``, and the sampler has no ``generator`` attribute, so accelerate does not re-seed it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from .errors import SFTMixError
+
+SPLITS = ("confident", "unconfident")
+ROLE_CONFIDENT, ROLE_UNCONFIDENT, ROLE_UNKNOWN = 1, 0, -1
+
+
+def _check_finite(value: Any, field: str, where: str) -> None:
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise SFTMixError(f"{where}: field '{field}' must hold finite numbers, got {v!r}")
+
+
+def read_dynamics_splits(dynamics_path: str | Path) -> dict[str, bool]:
+    """Read ``dynamics.jsonl`` into ``{id: is_confident}``, validating every line."""
+    path = Path(dynamics_path)
+    if not path.is_file():
+        raise SFTMixError(
+            f"dynamics file not found: {path} (run `sftmix dynamics` first, or set dynamics_path)"
+        )
+    splits: dict[str, bool] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}: line {lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SFTMixError(f"{where}: malformed JSON ({e.msg})") from e
+            if not isinstance(row, dict):
+                raise SFTMixError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            for key in ("id", "split"):
+                if key not in row:
+                    raise SFTMixError(f"{where}: missing field '{key}'")
+            if row["split"] not in SPLITS:
+                raise SFTMixError(
+                    f"{where}: field 'split' must be 'confident' or 'unconfident', got {row['split']!r}"
+                )
+            for key in ("confidence", "perplexities"):
+                if key in row:
+                    _check_finite(row[key], key, where)
+            example_id = str(row["id"])
+            if example_id in splits:
+                raise SFTMixError(f"{where}: duplicate id {example_id!r}")
+            splits[example_id] = row["split"] == "confident"
+    if not splits:
+        raise SFTMixError(f"{path}: holds no examples")
+    return splits
+
+
+def load_split(dynamics_path: str | Path, ids: Sequence[str]) -> np.ndarray:
+    """The confident/unconfident split of the training examples ``ids``, from a ``dynamics.jsonl``.
+
+    Args:
+        dynamics_path: The file written by ``sftmix dynamics`` (one JSON object per example with ``id`` and
+            ``split``; ``confidence`` and ``perplexities`` are checked to be finite when present).
+        ids: The ``id`` column of the training dataset, in dataset order. The file may hold more ids (e.g.
+            examples dropped by truncation), but never fewer.
+
+    Returns:
+        ``np.ndarray[bool]`` aligned with ``ids``: True for confident examples.
+
+    Raises:
+        SFTMixError: the file is missing or malformed, misses ids of the dataset, belongs to another dataset, or
+            leaves one half empty.
+    """
+    splits = read_dynamics_splits(dynamics_path)
+    missing = [i for i in ids if str(i) not in splits]
+    if missing and len(missing) == len(ids):
+        raise SFTMixError(
+            f"{dynamics_path} is for another dataset: none of the {len(ids)} training example ids is in it "
+            f"(first: {missing[0]!r}); run `sftmix dynamics` on this dataset"
+        )
+    if missing:
+        raise SFTMixError(
+            f"{dynamics_path} has no entry for {len(missing)} of the {len(ids)} training examples (first: "
+            f"{missing[0]!r}); run `sftmix dynamics` on the same dataset, selection and max_length"
+        )
+    confident = np.array([splits[str(i)] for i in ids], dtype=bool)
+    if confident.all() or not confident.any():
+        half = "confident" if confident.all() else "unconfident"
+        raise SFTMixError(
+            f"{dynamics_path}: all {len(ids)} training examples are {half}; Mixup needs both halves"
+        )
+    return confident
+
+
+def _cover(pool: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` items of ``pool``: random permutations of it, concatenated and cut at ``n``."""
+    parts = [rng.permutation(pool) for _ in range(math.ceil(n / len(pool)))]
+    return np.concatenate(parts)[:n]
+
+
+class BalancedPairSampler(Sampler[int]):
+    """Dataset indices as random confident/unconfident pairs, interleaved ``c, u, c, u, ...``.
+
+    Args:
+        confident: ``[N]`` bools, True for confident examples (from `load_split`).
+        batch_size: Per-device micro-batch size B (even): each B consecutive indices hold B/2 pairs.
+        seed: Seed of the order; the order of an epoch depends on ``(seed, epoch)`` only.
+        num_replicas: Processes that share the order (whole batches go round-robin to them); the epoch is
+            rounded up to whole batches on every process.
+
+    Example:
+        >>> sampler = BalancedPairSampler(np.array([True, True, False, False, False]), batch_size=2, seed=0)
+        >>> len(sampler)  # 3 pairs: both confident examples once, one of them twice
+        6
+        >>> order = list(sampler)
+        >>> all(c in (0, 1) and u in (2, 3, 4) for c, u in zip(order[::2], order[1::2]))
+        True
+    """
+
+    def __init__(
+        self, confident: Sequence[bool] | np.ndarray, batch_size: int, seed: int = 0, num_replicas: int = 1
+    ):
+        confident = np.asarray(confident, dtype=bool)
+        if batch_size < 2 or batch_size % 2:
+            raise SFTMixError(
+                f"per_device_train_batch_size must be even with Mixup (each micro-batch holds as many confident "
+                f"as unconfident examples), got {batch_size}"
+            )
+        self.confident_indices = np.flatnonzero(confident)
+        self.unconfident_indices = np.flatnonzero(~confident)
+        if not len(self.confident_indices) or not len(self.unconfident_indices):
+            raise SFTMixError("Mixup needs confident and unconfident examples, but one half is empty")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        unit = batch_size // 2 * num_replicas
+        largest = max(len(self.confident_indices), len(self.unconfident_indices))
+        self.num_pairs = math.ceil(largest / unit) * unit
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by accelerate / the Trainer at the start of every epoch."""
+        self.epoch = epoch
+
+    def pairs(self, epoch: int | None = None) -> np.ndarray:
+        """``[num_pairs, 2]`` dataset indices (confident, unconfident) of the pairs of ``epoch``."""
+        rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch])
+        c = _cover(self.confident_indices, self.num_pairs, rng)
+        u = _cover(self.unconfident_indices, self.num_pairs, rng)
+        return np.stack([c, u], axis=1)
+
+    def __iter__(self):
+        yield from self.pairs().reshape(-1).tolist()
+
+    def __len__(self) -> int:
+        return 2 * self.num_pairs
+
+
+def pair_rows(roles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of the confident and unconfident members of each pair of a micro-batch (k-th with k-th).
+
+    Args:
+        roles: ``[B]`` ``mixup_role`` of each row (1 confident, 0 unconfident).
+
+    Example:
+        >>> pair_rows(torch.tensor([1, 0, 0, 1]))
+        (tensor([0, 3]), tensor([1, 2]))
+    """
+    rows_c = (roles == ROLE_CONFIDENT).nonzero().squeeze(1)
+    rows_u = (roles == ROLE_UNCONFIDENT).nonzero().squeeze(1)
+    if rows_c.numel() != rows_u.numel() or rows_c.numel() + rows_u.numel() != roles.numel():
+        raise SFTMixError(
+            f"micro-batch is not balanced ({rows_c.numel()} confident, {rows_u.numel()} unconfident, "
+            f"{roles.numel() - rows_c.numel() - rows_u.numel()} unknown rows): use the trainer's sampler"
+        )
+    return rows_c, rows_u
+
+
+@dataclass
+class MixupRoleCollator:
+    """Wraps a collator (TRL's ``DataCollatorForLanguageModeling``) to carry each row's identity.
+
+    The ``id`` of every example is removed before the wrapped collator runs and comes back as
+    ``batch["example_ids"]`` (a list of str). With ``confident_by_id``, ``batch["mixup_role"]`` is a ``[B]``
+    long tensor: 1 confident, 0 unconfident, -1 unknown (e.g. evaluation examples).
+
+    Args:
+        collator: The collator to wrap.
+        confident_by_id: ``{id: is_confident}``, or None to add no roles (plain NTP training).
+    """
+
+    collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    confident_by_id: Mapping[str, bool] | None = None
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        ids = [example.get("id") for example in examples]
+        batch = self.collator([{k: v for k, v in example.items() if k != "id"} for example in examples])
+        if all(i is not None for i in ids):
+            batch["example_ids"] = [str(i) for i in ids]
+        if self.confident_by_id is not None:
+            roles = [self.confident_by_id.get(str(i)) for i in ids]
+            batch["mixup_role"] = torch.tensor(
+                [ROLE_UNKNOWN if r is None else ROLE_CONFIDENT if r else ROLE_UNCONFIDENT for r in roles]
+            )
+        return batch

@@ -1,0 +1,103 @@
+"""Data selection before stage 1: ``longest:N`` and files of example ids."""
+
+from __future__ import annotations
+
+import doctest
+import json
+
+import pytest
+from datasets import Dataset
+
+import sftmix.selection as selection
+from sftmix.errors import SFTMixError
+from sftmix.selection import apply_selection, response_lengths
+
+
+def _dataset(responses: list[str | list[str]]) -> Dataset:
+    rows = []
+    for k, response in enumerate(responses):
+        turns = [response] if isinstance(response, str) else response
+        messages = []
+        for t, text in enumerate(turns):
+            messages += [
+                {"role": "user", "content": f"question {k}.{t}"},
+                {"role": "assistant", "content": text},
+            ]
+        rows.append(messages)
+    return Dataset.from_dict({"id": [f"id{k}" for k in range(len(rows))], "messages": rows})
+
+
+def test_docstring_examples():
+    assert doctest.testmod(selection).failed == 0
+
+
+def test_no_selection_keeps_everything():
+    ds = _dataset(["a", "b"])
+    assert apply_selection(ds, None)["id"] == ["id0", "id1"]
+    assert apply_selection(ds, "")["id"] == ["id0", "id1"]
+
+
+def test_longest_counts_all_assistant_turns_and_keeps_order():
+    # id1 has two short turns that add up to the longest response; ties keep the earlier example.
+    ds = _dataset(["abcd", ["abc", "abc"], "ab", "abcd", "a"])
+    assert response_lengths(ds) == [4, 6, 2, 4, 1]
+    assert apply_selection(ds, "longest:2")["id"] == ["id0", "id1"]
+    assert apply_selection(ds, "longest:3")["id"] == ["id0", "id1", "id3"]
+    assert apply_selection(ds, "longest:99")["id"] == [f"id{k}" for k in range(5)]
+
+
+def test_longest_in_tokens(tokenizer):
+    # The tiny tokenizer is character-level but merges nothing: use its own counts as the reference.
+    ds = _dataset(["hello world", "hi", "a b c d e f"])
+    expected = [
+        len(tokenizer(m[1]["content"], add_special_tokens=False)["input_ids"]) for m in ds["messages"]
+    ]
+    assert response_lengths(ds, tokenizer) == expected
+    longest = max(range(3), key=lambda i: (expected[i], -i))
+    assert apply_selection(ds, "longest:1", tokenizer=tokenizer)["id"] == [f"id{longest}"]
+
+
+@pytest.mark.parametrize("spec", ["longest:", "longest:0", "longest:-3", "longest:x", "longest:1.5"])
+def test_bad_longest_spec(spec):
+    with pytest.raises(SFTMixError, match="longest:N"):
+        apply_selection(_dataset(["a"]), spec)
+
+
+def test_id_file_lines(tmp_path):
+    path = tmp_path / "keep.txt"
+    path.write_text("# AlpaGasus-filtered ids\nid3\n\n  id1  \nid3  # listed twice\n")
+    assert apply_selection(_dataset(["a", "b", "c", "d"]), str(path))["id"] == ["id1", "id3"]
+
+
+def test_id_file_json(tmp_path):
+    path = tmp_path / "keep.json"
+    path.write_text(json.dumps(["id2", "id0"]))
+    assert apply_selection(_dataset(["a", "b", "c"]), str(path))["id"] == ["id0", "id2"]
+
+
+def test_unknown_id_names_file_and_line(tmp_path):
+    path = tmp_path / "keep.txt"
+    path.write_text("id0\nid1\nnope\n")
+    with pytest.raises(SFTMixError, match=r"keep.txt: line 3: unknown example id 'nope'"):
+        apply_selection(_dataset(["a", "b"]), str(path))
+    path = tmp_path / "keep.json"
+    path.write_text('["id0", "nope"]')
+    with pytest.raises(SFTMixError, match=r"keep.json: item 2: unknown example id 'nope'"):
+        apply_selection(_dataset(["a", "b"]), str(path))
+
+
+def test_bad_id_files(tmp_path):
+    with pytest.raises(SFTMixError, match="expected longest:N or an existing file"):
+        apply_selection(_dataset(["a"]), str(tmp_path / "missing.txt"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n\n")
+    with pytest.raises(SFTMixError, match="lists no example id"):
+        apply_selection(_dataset(["a"]), str(empty))
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n"id0",\n')
+    with pytest.raises(SFTMixError, match=r"broken.json: line \d+: malformed JSON"):
+        apply_selection(_dataset(["a"]), str(broken))
+    not_ids = tmp_path / "numbers.json"
+    not_ids.write_text("[1, 2]")
+    with pytest.raises(SFTMixError, match="item 1 of the JSON list is not an id"):
+        apply_selection(_dataset(["a"]), str(not_ids))

@@ -1,0 +1,319 @@
+"""sftmix.sftmix_trainer: SFTMixTrainer against trl.SFTTrainer, Mixup runs, and the train() entry point."""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+import pytest
+import torch
+from sftmix_train_script import make_dataset, write_dynamics
+from transformers import AutoModelForCausalLM
+from trl import SFTConfig, SFTTrainer
+
+from sftmix import SFTMixConfig, SFTMixTrainer
+from sftmix.errors import SFTMixError
+from sftmix.mixup import mixup_loss
+
+COMMON = dict(
+    learning_rate=1e-3,
+    logging_steps=1,
+    save_strategy="no",
+    report_to="none",
+    seed=0,
+    per_device_train_batch_size=2,
+    gradient_accumulation_steps=2,
+    max_steps=3,
+    use_cpu=True,
+    bf16=False,
+)
+
+
+@pytest.fixture
+def dataset():
+    return make_dataset(num_examples=12)
+
+
+@pytest.fixture
+def dynamics(tmp_path, dataset):
+    return str(write_dynamics(tmp_path / "dynamics.jsonl", dataset))
+
+
+def mixup_args(tmp_path, dynamics, **overrides) -> SFTMixConfig:
+    return SFTMixConfig(output_dir=str(tmp_path / "out"), dynamics_path=dynamics, **{**COMMON, **overrides})
+
+
+def losses(trainer, key="loss"):
+    return [
+        entry[key] for entry in trainer.state.log_history if key in entry and "train_runtime" not in entry
+    ]
+
+
+class RecordingTrainer(SFTMixTrainer):
+    """Records every training micro-batch's ids and roles."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if self.model.training:
+            self.seen = getattr(self, "seen", [])
+            roles = inputs.get("mixup_role")
+            self.seen.append((list(inputs["example_ids"]), None if roles is None else roles.tolist()))
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+def test_mixup_weight_zero_trains_exactly_like_trl(tmp_path, tiny_llama_dir, tokenizer, dataset):
+    trl_trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+        args=SFTConfig(output_dir=str(tmp_path / "trl"), **COMMON),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    trl_trainer.train()
+    ours = SFTMixTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+        args=SFTMixConfig(output_dir=str(tmp_path / "ours"), mixup_weight=0.0, **COMMON),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    ours.train()
+    for key in ("loss", "entropy", "mean_token_accuracy", "num_tokens", "grad_norm"):
+        assert losses(ours, key) == pytest.approx(losses(trl_trainer, key), rel=1e-6), key
+    assert len(losses(ours)) == 3
+    for (name, a), b in zip(ours.model.named_parameters(), trl_trainer.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_mixup_run_updates_every_parameter_and_logs(tmp_path, tiny_qwen2_dir, tokenizer, dataset, dynamics):
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir)  # untied head with attention biases
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = RecordingTrainer(
+        model=model, args=mixup_args(tmp_path, dynamics), train_dataset=dataset, processing_class=tokenizer
+    )
+    trainer.train()
+    for name, p in trainer.model.named_parameters():
+        assert not torch.equal(before[name], p.detach()), f"{name} did not change"
+    log = [e for e in trainer.state.log_history if "loss_mixup" in e]
+    assert len(log) == 3
+    for entry in log:
+        assert entry["loss_mixup"] > 0 and entry["loss_ntp"] > 0 and entry["mixed_tokens"] > 0
+        assert 0 <= entry["mixup_lambda"] <= 1
+        assert "entropy" in entry and "mean_token_accuracy" in entry and "num_tokens" in entry
+
+    # every micro-batch is balanced, and the roles come from the split, not from positions
+    split = {json.loads(line)["id"]: json.loads(line)["split"] for line in open(dynamics)}
+    assert len(trainer.seen) == 6
+    for ids, roles in trainer.seen:
+        assert sorted(roles) == [0, 1]
+        assert [split[i] == "confident" for i in ids] == [r == 1 for r in roles]
+
+
+def test_mixup_loss_of_a_step_matches_the_reference(tmp_path, tiny_llama_dir, tokenizer, dataset, dynamics):
+    """The fused in-forward loss equals NTP + mu * mixup_loss(...) computed from the model's hidden states."""
+    trainer = SFTMixTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+        args=mixup_args(tmp_path, dynamics, gradient_accumulation_steps=1, mixup_weight=0.7),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model
+    model.train()
+    lambdas = trainer._draw_lambdas(1, 0)
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=None)
+
+    labels = batch["labels"][:, 1:]
+    with torch.no_grad():
+        hidden = model.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+    hidden = hidden[:, :-1]
+    ntp = torch.nn.functional.cross_entropy(model.lm_head(hidden).transpose(1, 2), labels, ignore_index=-100)
+    c, u = batch["mixup_role"].tolist().index(1), batch["mixup_role"].tolist().index(0)
+    mix = mixup_loss(hidden[[c]], labels[[c]], hidden[[u]], labels[[u]], lambdas, model.lm_head)
+    torch.testing.assert_close(loss.detach(), ntp + 0.7 * mix, rtol=1e-5, atol=1e-6)
+
+
+def per_pair_lambda(example_id: str) -> float:
+    return (zlib.crc32(example_id.encode()) % 1000) / 1000
+
+
+class FixedLambdaTrainer(SFTMixTrainer):
+    """Lambdas tied to the pair (its confident example), whatever the batching."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        self._batch = (list(inputs["example_ids"]), inputs["mixup_role"].tolist())
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def _draw_lambdas(self, num_pairs, micro_step):
+        ids, roles = self._batch
+        return torch.tensor([per_pair_lambda(i) for i, r in zip(ids, roles, strict=True) if r == 1])
+
+
+def test_gradient_accumulation_2x2_equals_one_batch_of_4(tmp_path, tiny_llama_dir, tokenizer, dynamics):
+    dataset = make_dataset(num_examples=8)  # 4 + 4: the same pairs for batch sizes 2 and 4
+    write_dynamics(tmp_path / "dynamics.jsonl", dataset)
+    updates = []
+    for bs, ga in ((4, 1), (2, 2)):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+        before = [p.detach().clone() for p in model.parameters()]
+        args = mixup_args(
+            tmp_path / f"{bs}x{ga}", dynamics, per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
+            max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=0.0, weight_decay=0.0,
+            lr_scheduler_type="constant", mixup_weight=0.5,
+        )  # fmt: skip
+        trainer = FixedLambdaTrainer(
+            model=model, args=args, train_dataset=dataset, processing_class=tokenizer
+        )
+        trainer.train()
+        updates.append([p.detach() - b for p, b in zip(trainer.model.parameters(), before, strict=True)])
+        assert losses(trainer, "loss_mixup")[0] > 0
+    for a, b in zip(*updates, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_lora_run(tmp_path, tiny_llama_dir, tokenizer, dataset, dynamics):
+    from peft import LoraConfig
+
+    trainer = SFTMixTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+        args=mixup_args(tmp_path, dynamics, max_steps=2),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+    lora_b = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    assert lora_b
+    trainer.train()
+    for name, p in trainer.model.named_parameters():
+        if name in lora_b:
+            assert not torch.equal(lora_b[name], p.detach()), name
+    assert all(v > 0 for v in losses(trainer, "loss_mixup"))
+
+
+def test_bf16_with_gradient_checkpointing(tmp_path, tiny_llama_dir, tokenizer, dataset, dynamics):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = SFTMixTrainer(
+        model=model,
+        args=mixup_args(tmp_path, dynamics, max_steps=2, bf16=True, gradient_checkpointing=True),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    assert all(
+        torch.isfinite(torch.tensor(losses(trainer, k))).all() for k in ("loss", "loss_ntp", "loss_mixup")
+    )
+    assert all(not torch.equal(before[n], p.detach()) for n, p in trainer.model.named_parameters())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"per_device_train_batch_size": 3}, "per_device_train_batch_size must be even"),
+        ({"dynamics_path": None}, "needs dynamics_path"),
+        ({"packing": True, "max_length": 64}, "packing"),
+        ({"dynamics_path": "/nonexistent/dynamics.jsonl"}, "dynamics file not found"),
+        ({"loss_type": "dft"}, "loss_type='nll'"),
+    ],
+)
+def test_configuration_errors(tmp_path, tiny_llama_dir, tokenizer, dataset, dynamics, overrides, message):
+    with pytest.raises(SFTMixError, match=message):
+        SFTMixTrainer(
+            model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+            args=mixup_args(tmp_path, overrides.pop("dynamics_path", dynamics), **overrides),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+
+
+def test_dataset_from_another_run_is_rejected(tmp_path, tiny_llama_dir, tokenizer, dynamics):
+    other = make_dataset(num_examples=12).map(lambda e: {"id": "x" + e["id"]})
+    with pytest.raises(SFTMixError, match="another dataset"):
+        SFTMixTrainer(
+            model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+            args=mixup_args(tmp_path, dynamics),
+            train_dataset=other,
+            processing_class=tokenizer,
+        )
+
+
+@pytest.mark.parametrize("mixup_weight", [0.0, 0.2])
+def test_nonfinite_loss_stops_with_step_and_ids(
+    tmp_path, tiny_llama_dir, tokenizer, dataset, dynamics, mixup_weight
+):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    args = mixup_args(tmp_path, dynamics, mixup_weight=mixup_weight)
+    trainer = RecordingTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    with pytest.raises(SFTMixError, match="non-finite loss at step 1") as info:
+        trainer.train()
+    first_ids = trainer.seen[0][0]
+    assert all(i in str(info.value) for i in first_ids)
+    note = json.loads((tmp_path / "out" / "nonfinite_loss.json").read_text())
+    assert note["step"] == 1 and note["example_ids"] == first_ids
+    assert (tmp_path / "out" / "nonfinite-step-1" / "config.json").is_file()
+
+
+def test_lambdas_are_reproducible_per_step_and_micro_step(
+    tmp_path, tiny_llama_dir, tokenizer, dataset, dynamics
+):
+    trainer = SFTMixTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+        args=mixup_args(tmp_path, dynamics, per_device_train_batch_size=8),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    a = trainer._draw_lambdas(4, 1)
+    assert torch.equal(a, trainer._draw_lambdas(4, 1))
+    assert not torch.equal(a, trainer._draw_lambdas(4, 0))
+    trainer.state.global_step = 5
+    assert not torch.equal(a, trainer._draw_lambdas(4, 1))
+
+
+def test_train_entry_point_resumes_to_the_same_result(tmp_path, tiny_llama_dir):
+    """train() from files: an interrupted run resumed by re-running ends where an uninterrupted run ends."""
+    from safetensors.torch import load_file
+    from trl import ModelConfig
+
+    from sftmix.sftmix_config import DataArguments
+    from sftmix.sftmix_trainer import train
+
+    rows = [
+        {"messages": [{"role": "user", "content": f"question {i} " * (1 + i % 3)},
+                      {"role": "assistant", "content": f"answer number {i}" + "!" * (i % 4)}]}
+        for i in range(8)
+    ]  # fmt: skip
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from sftmix.data import load_sft_dataset
+
+    ids = load_sft_dataset(DataArguments(dataset_name=str(data)))["id"]
+    dynamics = tmp_path / "dynamics.jsonl"
+    dynamics.write_text(
+        "".join(
+            json.dumps({"id": i, "split": ["confident", "unconfident"][k % 2]}) + "\n"
+            for k, i in enumerate(ids)
+        )
+    )
+
+    def run(out, max_steps):
+        args = SFTMixConfig(
+            output_dir=str(out), dynamics_path=str(dynamics), max_length=64, save_steps=2,
+            **{**COMMON, "max_steps": max_steps, "gradient_accumulation_steps": 1, "lr_scheduler_type": "constant"},
+        )  # fmt: skip
+        return train(
+            ModelConfig(model_name_or_path=tiny_llama_dir), DataArguments(dataset_name=str(data)), args
+        )
+
+    straight = run(tmp_path / "straight", 4)
+    # interrupted after step 2 (its checkpoint-2 stays), then the same command again
+    crashed = tmp_path / "crashed"
+    import shutil
+
+    shutil.rmtree(run(crashed, 2))  # as if the process had died before finishing
+    resumed = run(crashed, 4)
+    assert resumed == str(crashed / "final")
+    a, b = load_file(f"{straight}/model.safetensors"), load_file(f"{resumed}/model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert run(crashed, 4) == resumed  # finished: returns at once
