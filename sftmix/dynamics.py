@@ -32,10 +32,10 @@ from accelerate.utils import gather_object
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, TrainerCallback
-from transformers.trainer_utils import SaveStrategy, get_last_checkpoint
+from transformers.trainer_utils import SaveStrategy
 
 from .errors import SFTMixError
-from .io_utils import atomic_write_json, atomic_write_jsonl
+from .io_utils import atomic_write_json, atomic_write_jsonl, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -365,11 +365,13 @@ def train_reference(
             ``save_strategy="no"`` (the callback forces the C saves). ``max_steps`` applies if set.
         reference_dir: Where the checkpoints go. A rerun resumes from its latest checkpoint.
         epochs: ``num_train_epochs`` of the reference run.
-        trainer_cls: Trainer class taking ``trl.SFTTrainer``'s arguments (default ``trl.SFTTrainer``).
+        trainer_cls: Trainer class taking ``trl.SFTTrainer``'s arguments (default `SFTMixTrainer` with
+            ``mixup_weight=0``: TRL's NTP training with sftmix's faster fused head).
     """
-    from trl import SFTTrainer, get_peft_config
+    from trl import get_peft_config
 
     from .models import load_model
+    from .sftmix_trainer import SFTMixTrainer
 
     # A marker file records which data the run is on and, once finished, its checkpoint steps: a rerun of a
     # finished run skips training, and a run dir trained on other data is never silently mixed with this one.
@@ -408,7 +410,7 @@ def train_reference(
         attn_implementation=model_args.attn_implementation,
     )
     schedule = CheckpointScheduleCallback(num_checkpoints)
-    trainer = (trainer_cls or SFTTrainer)(
+    trainer = (trainer_cls or SFTMixTrainer)(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -416,7 +418,7 @@ def train_reference(
         peft_config=get_peft_config(model_args),
         callbacks=[schedule],
     )
-    last = get_last_checkpoint(str(reference_dir)) if reference_dir.is_dir() else None
+    last = last_complete_checkpoint(reference_dir)
     if last is not None:
         logger.info("Resuming the reference run from %s", last)
     trainer.train(resume_from_checkpoint=last)
@@ -591,7 +593,7 @@ def run_dynamics(
         data_args: `sftmix.sftmix_config.DataArguments` (dataset, format, ``max_examples``, ``selection``).
         dyn_args: `sftmix.sftmix_config.DynamicsArguments` (C, reference model, epochs, checkpoints to score).
         training_args: `sftmix.SFTMixConfig`: ``output_dir``, ``max_length`` and the reference run's settings.
-        trainer_cls: The reference run's trainer class (default ``trl.SFTTrainer``).
+        trainer_cls: The reference run's trainer class (default `SFTMixTrainer`, NTP only).
 
     Writes to ``output_dir``: ``reference/checkpoint-*`` (unless ``score_checkpoints`` is given),
     ``scores/ckpt-*.json`` (one per checkpoint, written as each is scored), ``dynamics.jsonl``,

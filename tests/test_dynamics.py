@@ -12,9 +12,10 @@ import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
-from trl import ModelConfig, SFTTrainer
+from trl import ModelConfig
 
 import sftmix.dynamics as dynamics
+from sftmix import SFTMixTrainer
 from sftmix.data import load_sft_dataset, tokenize_sft_dataset
 from sftmix.dynamics import (
     checkpoint_steps,
@@ -344,7 +345,7 @@ class _CrashAtStep(TrainerCallback):
 
 
 def test_resume_after_crash_in_training(reference_run, tiny_llama_dir, data_file, tmp_path):
-    class CrashingTrainer(SFTTrainer):
+    class CrashingTrainer(SFTMixTrainer):
         def __init__(self, *args, callbacks=None, **kwargs):
             super().__init__(*args, callbacks=[*(callbacks or []), _CrashAtStep(3)], **kwargs)
 
