@@ -1,0 +1,131 @@
+"""kill -9 at several points of `sftmix run`, then the same command: the result equals an uninterrupted run.
+
+The commands run as real processes killed with SIGKILL (no cleanup code runs), when the output directory shows
+that the run has reached a given point: a reference checkpoint saved, a checkpoint scored, a stage-3 checkpoint
+saved. A checkpoint left half-written by a kill during saving is simulated exactly (its files cut short, no
+``trainer_state.json``) since a real kill rarely lands inside a save that lasts milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sftmix.io_utils import complete_checkpoints, last_complete_checkpoint
+
+pytestmark = pytest.mark.slow
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _data(path: Path) -> Path:
+    rows = [
+        {"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a} + {b} = {a + b}" + " ok" * (a % 5)}
+        for a, b in zip(range(3, 51), range(50, 2, -1), strict=True)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _argv(model: str, data: Path, out: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "sftmix.cli", "run", "--model_name_or_path", model, "--dataset_name", str(data),
+        "--output_dir", str(out), "--per_device_train_batch_size", "4", "--num_train_epochs", "1",
+        "--num_checkpoints", "3", "--learning_rate", "1e-3", "--save_strategy", "steps", "--save_steps", "2",
+        "--logging_steps", "1", "--report_to", "none", "--bf16", "false", "--use_cpu", "true",
+        "--gradient_checkpointing", "false", "--max_length", "128", "--seed", "7",
+    ]  # fmt: skip
+
+
+def _run(argv: list[str], kill_when: Callable[[], bool] | None = None, timeout: float = 300) -> int:
+    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while kill_when is not None and proc.poll() is None and time.monotonic() < deadline:
+        if kill_when():
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    try:
+        _, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode in (0, -signal.SIGKILL), err[-3000:]
+    return proc.returncode
+
+
+def _final_loss(out: Path) -> float:
+    state = json.loads((Path(last_complete_checkpoint(out)) / "trainer_state.json").read_text())
+    return [e["loss"] for e in state["log_history"] if "loss" in e][-1]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_llama_dir) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("uninterrupted")
+    data = _data(root / "data.jsonl")
+    assert _run(_argv(tiny_llama_dir, data, root / "out")) == 0
+    return data, root / "out"
+
+
+KILL_POINTS = {
+    "reference_training": lambda out: bool(complete_checkpoints(out / "dynamics" / "reference")),
+    "scoring": lambda out: any((out / "dynamics" / "scores").glob("*.json")),
+    "stage3_training": lambda out: bool(complete_checkpoints(out)),
+}
+
+
+@pytest.mark.parametrize("point", sorted(KILL_POINTS))
+def test_kill_9_then_rerun_gives_the_uninterrupted_result(point, reference, tiny_llama_dir, tmp_path):
+    data, expected = reference
+    out = tmp_path / "out"
+    argv = _argv(tiny_llama_dir, data, out)
+    assert _run(argv, kill_when=lambda: KILL_POINTS[point](out)) == -signal.SIGKILL
+    assert not (out / "final").exists()
+    assert _run(argv) == 0
+    _assert_same_result(out, expected)
+
+
+def test_half_written_checkpoints_are_not_resume_points(reference, tiny_llama_dir, tmp_path):
+    """A kill while saving leaves a checkpoint without trainer_state.json (written last): it is skipped."""
+    data, expected = reference
+    out = tmp_path / "out"
+    argv = _argv(tiny_llama_dir, data, out)
+    assert _run(argv, kill_when=lambda: len(complete_checkpoints(out)) >= 1) == -signal.SIGKILL
+    last = Path(last_complete_checkpoint(out))
+    step = int(last.name.split("-")[1])
+    half = out / f"checkpoint-{step + 2}"
+    shutil.rmtree(half, ignore_errors=True)
+    shutil.copytree(last, half)
+    (half / "trainer_state.json").unlink()
+    for name in ("model.safetensors", "optimizer.pt"):
+        blob = (half / name).read_bytes()
+        (half / name).write_bytes(blob[: len(blob) // 3])  # cut short, as by a kill mid-write
+    assert last_complete_checkpoint(out) == str(last)
+    assert _run(argv) == 0
+    _assert_same_result(out, expected)
+
+
+def _assert_same_result(out: Path, expected: Path) -> None:
+    assert (out / "dynamics" / "dynamics.jsonl").read_bytes() == (
+        expected / "dynamics" / "dynamics.jsonl"
+    ).read_bytes()
+    assert _final_loss(out) == pytest.approx(_final_loss(expected), rel=1e-5)
+    got, want = (
+        load_file(out / "final" / "model.safetensors"),
+        load_file(expected / "final" / "model.safetensors"),
+    )
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert not list(out.glob("**/*.tmp")) and not (out / "final.tmp").exists()
