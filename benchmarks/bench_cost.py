@@ -199,9 +199,12 @@ def main() -> None:
     results: dict[str, list[dict]] = {k: [] for k in KINDS}
     for r in range(args.rounds):
         for kind in KINDS:
-            cmd = [sys.executable, __file__, "--_child", kind] + [
-                a for a in sys.argv[1:] if not a.startswith("--output")
+            child_args = [
+                f"--{k}={v}" for k, v in vars(args).items() if k not in ("output", "_child", "fp32", "rounds")
             ]
+            cmd = [sys.executable, __file__, "--_child", kind, *child_args] + (
+                ["--fp32"] if args.fp32 else []
+            )
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
             line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:

@@ -26,6 +26,7 @@ import torch
 from trl import ModelConfig, SFTTrainer
 
 import sftmix.dynamics as dynamics
+import sftmix.reference as reference
 from sftmix.sftmix_config import DEFAULT_MODEL, DataArguments, DynamicsArguments, SFTMixConfig
 
 DEFAULT_DATA = (
@@ -67,7 +68,7 @@ def main() -> None:
     train_times: list[float] = []
     score_times: list[float] = []
     save_times: list[float] = []
-    dynamics.train_reference = _timed(dynamics.train_reference, train_times)
+    reference.train_reference = _timed(reference.train_reference, train_times)
     dynamics._score_all = _timed(dynamics._score_all, score_times)
     SFTTrainer._save_checkpoint = _timed(SFTTrainer._save_checkpoint, save_times)
 
@@ -78,6 +79,7 @@ def main() -> None:
         learning_rate=2e-5,
         bf16=args.bf16,
         use_cpu=True,
+        gradient_checkpointing=False,  # TRL's default recomputes activations: it would flatter the ratio
         report_to="none",
         logging_steps=5,
         seed=0,

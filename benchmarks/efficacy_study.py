@@ -173,6 +173,8 @@ def run_study(args: argparse.Namespace) -> None:
                     log,
                 )
             for task, data in study["evals"]:
+                if args.evals and task not in args.evals:
+                    continue
                 out = run / "eval" / task
                 if (out / "eval.json").exists():
                     continue
@@ -250,6 +252,7 @@ def main() -> None:
     parser.add_argument("--ifeval_limit", type=int, default=100)
     parser.add_argument("--mc_limit", type=int, default=500)
     parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--evals", nargs="+", default=None, help="only these evaluation tasks (default: all)")
     parser.add_argument("--report", action="store_true", help="only print the tables of what has finished")
     args = parser.parse_args()
     if args.report:

@@ -7,9 +7,8 @@ The path through this module, top to bottom:
 2. `score_checkpoint` measures ``Perp_c(i)``: the perplexity of each example's response tokens given its
    instruction, in no-grad batches grouped by length. Only the positions that carry loss go through the LM
    head, a chunk at a time, so no ``[batch, seq, vocab]`` tensor is ever built.
-3. `train_reference` trains the reference model with plain next-token prediction and saves C checkpoints
-   evenly spaced through the run (`CheckpointScheduleCallback`).
-4. `run_dynamics` drives it all, resumably: it writes one scores file per checkpoint as soon as it is
+3. `run_dynamics` trains the reference model (`sftmix.reference.train_reference`, plain next-token prediction,
+   C checkpoints evenly spaced through the run), then drives it all, resumably: it writes one scores file per checkpoint as soon as it is
    scored, then ``dynamics.jsonl``, ``dynamics_summary.json`` and the data map ``datamap.png``.
 """
 
@@ -31,11 +30,12 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from datasets import Dataset
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, TrainerCallback
-from transformers.trainer_utils import SaveStrategy
+from transformers import PreTrainedModel
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .errors import SFTMixError
-from .io_utils import atomic_write_json, atomic_write_jsonl, last_complete_checkpoint
+from .head import fused_linear_cross_entropy, lm_head_parameters, lm_head_transform
+from .io_utils import atomic_write_json, atomic_write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -116,50 +116,8 @@ def variability_scores(perplexities: Any) -> np.ndarray:
     return perplexities.std(axis=1)
 
 
-def checkpoint_steps(total_steps: int, num_checkpoints: int) -> list[int]:
-    """The C optimizer steps to save at: ``round(k * T / C)`` for ``k = 1..C`` (half up), step 0 excluded.
-
-    >>> checkpoint_steps(10, 3)
-    [3, 7, 10]
-    >>> checkpoint_steps(64, 4)
-    [16, 32, 48, 64]
-    """
-    if num_checkpoints < 1:
-        raise SFTMixError(f"num_checkpoints must be >= 1, got {num_checkpoints}")
-    if total_steps < num_checkpoints:
-        raise SFTMixError(
-            f"the reference run has {total_steps} optimizer steps, fewer than num_checkpoints={num_checkpoints}: "
-            "lower num_checkpoints, the batch size or gradient_accumulation_steps, or use more data"
-        )
-    # Integer arithmetic for round-half-up of k*T/C, so no float ever decides a step.
-    return [
-        (2 * k * total_steps + num_checkpoints) // (2 * num_checkpoints)
-        for k in range(1, num_checkpoints + 1)
-    ]
-
-
 # ---------------------------------------------------------------------------------------------------------
 # 2. Scoring a checkpoint
-
-
-def head_logit_transform(config: Any) -> tuple[float, float | None]:
-    """``(logit_scale, final_logit_softcapping)`` the model applies to its LM head output.
-
-    Read from the (text) config exactly as TRL's ``add_fused_lm_head`` reads them: ``logit_scale`` (Cohere),
-    ``output_multiplier``, ``lm_head_multiplier`` (Falcon-H1), ``1 / logits_scaling`` (Granite, MiniCPM3; a
-    multiplier for HyperCLOVA X), and Gemma's ``final_logit_softcapping``. Logits are scaled, then soft-capped.
-    """
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    softcap = getattr(text_config, "final_logit_softcapping", None)
-    scale = getattr(text_config, "logit_scale", None)
-    if scale is None:
-        scale = getattr(text_config, "output_multiplier", None)
-    if scale is None:
-        scale = getattr(text_config, "lm_head_multiplier", None)
-    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
-        logits_scaling = text_config.logits_scaling
-        scale = logits_scaling if text_config.model_type == "hyperclovax" else 1 / logits_scaling
-    return (1.0 if scale is None else float(scale)), (float(softcap) if softcap else None)
 
 
 def length_grouped_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -208,17 +166,20 @@ def _score_batch(
     mask = targets != -100
     hidden, targets = hidden[:, :-1][mask], targets[mask]  # [n_tokens, H], [n_tokens]
     example = mask.nonzero()[:, 0]
-    head = model.get_output_embeddings()
-    scale, softcap = head_logit_transform(model.config)
-    nll = torch.empty(len(targets), dtype=torch.float32, device=device)
-    for start in range(0, len(targets), chunk_size):
-        logits = head(hidden[start : start + chunk_size].to(head.weight.device)).float().to(device)
-        logits = logits * scale
-        if softcap is not None:
-            logits = softcap * torch.tanh(logits / softcap)
-        chunk_targets = targets[start : start + chunk_size]
-        gold = logits.gather(-1, chunk_targets[:, None])[:, 0]
-        nll[start : start + chunk_size] = torch.logsumexp(logits, dim=-1) - gold
+    # The fused head of training, without gradients: per-token NLL with the model's logit scaling / soft-capping
+    weight, bias = lm_head_parameters(model)
+    scale, softcap = lm_head_transform(model)
+    with maybe_gather_lm_head_ctx(weight, bias):
+        nll = fused_linear_cross_entropy(
+            hidden.to(weight.device),
+            weight,
+            targets.to(weight.device),
+            torch.ones(len(targets), device=weight.device),
+            bias,
+            chunk_size=chunk_size,
+            logit_scale=scale,
+            softcap=softcap,
+        ).ce.to(device)
     sums = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, example, nll.double())
     counts = torch.bincount(example, minlength=len(rows)).double()
     return torch.exp(sums / counts).cpu()  # an example with no scored token gives NaN (0/0)
@@ -280,165 +241,7 @@ def score_checkpoint(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 3. The reference run
-
-
-class CheckpointScheduleCallback(TrainerCallback):
-    """Save exactly at `checkpoint_steps` ``(T, C)``, where ``T`` is the run's total number of optimizer steps.
-
-    Use it with ``save_strategy="no"``; the steps are computed when training (or a resumed run) begins.
-    """
-
-    def __init__(self, num_checkpoints: int) -> None:
-        self.num_checkpoints = num_checkpoints
-        self.save_steps: list[int] = []
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.save_steps = checkpoint_steps(state.max_steps, self.num_checkpoints)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step in self.save_steps:
-            control.should_save = True
-        return control
-
-
-def _reference_args(training_args: Any, output_dir: Path, epochs: float) -> Any:
-    """The target's training config, redirected to the reference run: its own dir, epochs, no other saves."""
-    changes: dict[str, Any] = dict(
-        output_dir=str(output_dir),
-        num_train_epochs=epochs,
-        save_strategy=SaveStrategy.NO,
-        save_total_limit=None,
-        load_best_model_at_end=False,
-        push_to_hub=False,
-    )
-    field_names = {f.name for f in dataclasses.fields(training_args)}
-    # Plain NTP: if the config is an SFTMixConfig, switch the regulariser off (no dynamics exist yet).
-    changes.update({k: v for k, v in (("mixup_weight", 0.0), ("dynamics_path", None)) if k in field_names})
-    return dataclasses.replace(training_args, **changes)
-
-
-REFERENCE_SETTINGS = (
-    "learning_rate",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "max_steps",
-    "seed",
-    "weight_decay",
-    "lr_scheduler_type",
-    "warmup_steps",
-    "warmup_ratio",
-)
-"""Training fields that change the reference checkpoints: a rerun with other values does not resume."""
-
-
-def _reference_settings(model_args: Any, training_args: Any, epochs: float, num_checkpoints: int) -> dict:
-    settings = {name: getattr(training_args, name, None) for name in REFERENCE_SETTINGS}
-    settings.update(
-        model=model_args.model_name_or_path,
-        use_peft=bool(getattr(model_args, "use_peft", False)),
-        epochs=epochs,
-        num_checkpoints=num_checkpoints,
-    )
-    return json.loads(json.dumps(settings, default=str))  # JSON-comparable (enums as strings)
-
-
-def train_reference(
-    model_args: Any,
-    dataset: Dataset,
-    tokenizer: Any,
-    num_checkpoints: int,
-    training_args: Any,
-    reference_dir: Path,
-    epochs: float = 1.0,
-    trainer_cls: type | None = None,
-) -> list[Path]:
-    """Train the reference model with plain NTP and return its C checkpoint directories, in step order.
-
-    Args:
-        model_args: `trl.ModelConfig`; ``model_name_or_path`` is the reference model, ``dtype`` /
-            ``attn_implementation`` / ``use_peft`` (LoRA) apply.
-        dataset: Tokenized rows (``input_ids``, ``labels``), trained on as is.
-        tokenizer: The reference model's tokenizer (saved with each checkpoint).
-        num_checkpoints: C.
-        training_args: The run's `SFTMixConfig`; copied with ``output_dir=reference_dir``, ``epochs`` and
-            ``save_strategy="no"`` (the callback forces the C saves). ``max_steps`` applies if set.
-        reference_dir: Where the checkpoints go. A rerun resumes from its latest checkpoint.
-        epochs: ``num_train_epochs`` of the reference run.
-        trainer_cls: Trainer class taking ``trl.SFTTrainer``'s arguments (default `SFTMixTrainer` with
-            ``mixup_weight=0``: TRL's NTP training with sftmix's faster fused head).
-    """
-    from trl import get_peft_config
-
-    from .models import load_model
-    from .sftmix_trainer import SFTMixTrainer
-
-    # A marker file records which data the run is on and, once finished, its checkpoint steps: a rerun of a
-    # finished run skips training, and a run dir trained on other data is never silently mixed with this one.
-    marker = reference_dir / "sftmix_reference.json"
-    fingerprint = dataset_fingerprint(dataset)
-    settings = _reference_settings(model_args, training_args, epochs, num_checkpoints)
-    if marker.is_file():
-        done = json.loads(marker.read_text(encoding="utf-8"))
-        if done.get("fingerprint") != fingerprint:
-            raise SFTMixError(
-                f"{reference_dir} holds a reference run on other data (or another max_length): "
-                "use a new output_dir or delete that directory"
-            )
-        changed = sorted(k for k in settings if done.get("settings", {}).get(k) != settings[k])
-        if changed:
-            raise SFTMixError(
-                f"{reference_dir} holds a reference run with other settings ({', '.join(changed)}): "
-                "use a new output_dir or delete that directory"
-            )
-        checkpoints = [reference_dir / f"checkpoint-{step}" for step in done.get("checkpoint_steps", [])]
-        if (
-            done.get("complete")
-            and len(checkpoints) == num_checkpoints
-            and all(c.is_dir() for c in checkpoints)
-        ):
-            logger.info("The reference run in %s is complete: not training again", reference_dir)
-            return checkpoints
-    state = PartialState()
-    if state.is_main_process:
-        atomic_write_json(marker, {"complete": False, "fingerprint": fingerprint, "settings": settings})
-
-    args = _reference_args(training_args, reference_dir, epochs)
-    model = load_model(
-        model_args.model_name_or_path,
-        dtype=model_args.dtype,
-        attn_implementation=model_args.attn_implementation,
-    )
-    schedule = CheckpointScheduleCallback(num_checkpoints)
-    trainer = (trainer_cls or SFTMixTrainer)(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-        callbacks=[schedule],
-    )
-    last = last_complete_checkpoint(reference_dir)
-    if last is not None:
-        logger.info("Resuming the reference run from %s", last)
-    trainer.train(resume_from_checkpoint=last)
-    steps = schedule.save_steps
-    del trainer, model
-    gc.collect()
-    if state.is_main_process:
-        record = {
-            "checkpoint_steps": steps,
-            "complete": True,
-            "fingerprint": fingerprint,
-            "settings": settings,
-        }
-        atomic_write_json(marker, record)
-    state.wait_for_everyone()
-    return [reference_dir / f"checkpoint-{step}" for step in steps]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# 4. The stage-1 driver
+# 3. The stage-1 driver
 
 
 def dataset_fingerprint(dataset: Dataset) -> str:
@@ -632,6 +435,8 @@ def run_dynamics(
         checkpoints = given
     else:
         reference_model_args = dataclasses.replace(model_args, model_name_or_path=reference)
+        from .reference import train_reference
+
         checkpoints = train_reference(
             reference_model_args,
             dataset,

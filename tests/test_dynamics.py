@@ -18,7 +18,6 @@ import sftmix.dynamics as dynamics
 from sftmix import SFTMixTrainer
 from sftmix.data import load_sft_dataset, tokenize_sft_dataset
 from sftmix.dynamics import (
-    checkpoint_steps,
     confidence_scores,
     dataset_fingerprint,
     length_grouped_batches,
@@ -30,6 +29,7 @@ from sftmix.dynamics import (
 )
 from sftmix.errors import SFTMixError
 from sftmix.io_utils import read_jsonl
+from sftmix.reference import checkpoint_steps
 from sftmix.sftmix_config import DataArguments, DynamicsArguments, SFTMixConfig
 
 # ---------------------------------------------------------------------------------------------------------
