@@ -43,7 +43,7 @@ STUDIES = {
             ("perplexity", "heldout"),
             ("medmcqa", str(SHARED / "medmcqa_dev" / "validation.jsonl")),
             ("pubmedqa", str(SHARED / "pubmedqa")),
-            ("mmlu_medical", str(SHARED / "mmlu_medical" / "test")),
+            ("mmlu_medical", str(SHARED / "mmlu_medical")),
         ],
     },
 }

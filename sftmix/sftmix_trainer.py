@@ -13,8 +13,8 @@ One training step of SFTMix, with ``mixup_weight = mu > 0``:
    mixed-token count of `get_batch_samples` for Mixup), times the number of processes (DDP averages
    gradients). So 2 micro-batches of 2 give the gradient of one batch of 4.
 
-Lambdas come from a generator seeded by ``(seed, global_step, micro-step, process)``: a resumed run draws the
-same ones. With ``mixup_weight = 0`` the loss is TRL's own ``compute_loss`` on TRL's batches: the NTP baseline.
+Lambdas come from a generator seeded by ``(seed, global_step, micro-step)`` that draws the global micro-batch's
+lambdas, each process taking its slice: a resumed run, or a run on more processes, draws the same ones. With ``mixup_weight = 0`` the loss is TRL's own ``compute_loss`` on TRL's batches: the NTP baseline.
 A non-finite loss stops training with a `SFTMixError` naming the step and the batch's example ids.
 """
 
@@ -304,13 +304,18 @@ class SFTMixTrainer(SFTTrainer):
         return batch_samples, num_items_in_batch
 
     def _draw_lambdas(self, num_pairs: int, micro_step: int) -> torch.Tensor:
-        """Lambdas of one micro-batch; the generator is seeded by (seed, step, micro-step, process)."""
-        seed = np.random.SeedSequence(
-            [self.args.seed, self.state.global_step, micro_step, self.args.process_index]
+        """Lambdas of this process's pairs in one micro-batch.
+
+        The generator is seeded by (seed, optimizer step, micro-step), and draws the lambdas of the global
+        micro-batch (every process's pairs, in rank order); each process takes its own slice. So a resumed run
+        draws the same lambdas, and N processes with micro-batches of B train exactly as one process with B x N.
+        """
+        rng = np.random.default_rng(
+            np.random.SeedSequence([self.args.seed, self.state.global_step, micro_step])
         )
-        return sample_lambdas(
-            num_pairs, self.args.mixup_alpha, np.random.default_rng(seed), self.args.lambda_per
-        )
+        world, rank = self.args.world_size, self.args.process_index
+        lambdas = sample_lambdas(num_pairs * world, self.args.mixup_alpha, rng, self.args.lambda_per)
+        return lambdas[rank * num_pairs : (rank + 1) * num_pairs]
 
     # ---- loss ----------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -436,6 +441,9 @@ def train(model_args: ModelConfig, data_args: DataArguments, training_args: SFTM
     dataset = prepare_sft_dataset(
         data_args, tokenizer, training_args.max_length, training_args.truncation_mode
     )
+    if training_args.mixup_weight > 0:  # the dynamics file and the batch shape, before anything is written
+        SFTMixTrainer._check_mixup_args(training_args)
+        load_split(training_args.dynamics_path, dataset["id"])
     model_kwargs = {"trust_remote_code": getattr(model_args, "trust_remote_code", False)}
     if model_args.attn_implementation is not None:
         model_kwargs["attn_implementation"] = model_args.attn_implementation

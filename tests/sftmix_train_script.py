@@ -1,8 +1,9 @@
 """Tiny SFTMix training data for the tests, and a script for the 2-process run.
 
-``torchrun --nproc_per_node 2 tests/sftmix_train_script.py MODEL_DIR OUT_DIR`` trains a few
+``torchrun --nproc_per_node 2 tests/sftmix_train_script.py MODEL_DIR OUT_DIR [BATCH]`` trains a few
 Mixup steps with DDP (gloo) and writes, per process, the roles and example ids of every micro-batch it saw
-(``OUT_DIR/rank{r}.json``). ``OUT_DIR/dynamics.jsonl`` must exist: ``write_dynamics(path, make_dataset(16))``.
+(``OUT_DIR/rank{r}.json``), and the final weights (``OUT_DIR/weights.safetensors``). Without torchrun it
+trains in one process (with ``BATCH`` = 4 that is the same global batch as 2 processes of 2). ``OUT_DIR/dynamics.jsonl`` must exist: ``write_dynamics(path, make_dataset(16))``.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def write_dynamics(path: Path, dataset: Dataset) -> Path:
     return path
 
 
-def main(model_dir: str, out_dir: str) -> None:
+def main(model_dir: str, out_dir: str, batch_size: int = 2) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -65,7 +66,7 @@ def main(model_dir: str, out_dir: str) -> None:
     args = SFTMixConfig(
         output_dir=str(out / "run"),
         dynamics_path=str(dynamics),
-        per_device_train_batch_size=2,
+        per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=2,
         max_steps=2,
         learning_rate=1e-3,
@@ -90,7 +91,14 @@ def main(model_dir: str, out_dir: str) -> None:
     result = {"rank": trainer.args.process_index, "world": trainer.args.world_size, "seen": seen}
     result.update({"all_changed": changed, "logs": logs})
     (out / f"rank{trainer.args.process_index}.json").write_text(json.dumps(result))
+    if trainer.args.process_index == 0:
+        from safetensors.torch import save_file
+
+        save_file(
+            {n: p.detach().contiguous() for n, p in trainer.model.named_parameters()},
+            out / "weights.safetensors",
+        )
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], *(int(a) for a in sys.argv[3:]))

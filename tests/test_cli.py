@@ -125,3 +125,30 @@ def test_missing_model_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model not found" in err[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--dynamics_path", str(BAD / "dynamics_other_dataset.jsonl")], "dynamics_other_dataset.jsonl"),
+        (["--dynamics_path", str(BAD / "dynamics_nan.jsonl")], "dynamics_nan.jsonl: line 3"),
+        (["--dynamics_path", str(BAD / "dynamics_missing_ids.jsonl")], "dynamics_missing_ids.jsonl"),
+        (["--dynamics_path", str(BAD / "dynamics_bad_split.jsonl")], "dynamics_bad_split.jsonl: line 2"),
+        (["--dynamics_path", str(BAD / "nope.jsonl")], "nope.jsonl"),
+        (
+            ["--dynamics_path", str(DATA / "alpaca_dynamics.jsonl"), "--per_device_train_batch_size", "3"],
+            "must be even",
+        ),
+        ([], "dynamics_path"),
+    ],
+)
+def test_bad_mixup_inputs_exit_2_and_write_nothing(tmp_path, capsys, tiny_llama_dir, overrides, message):
+    out = tmp_path / "out"
+    argv = ["train", "--dataset_name", str(DATA / "alpaca.json"), "--model_name_or_path", tiny_llama_dir]
+    argv += ["--output_dir", str(out), "--use_cpu", "true", "--bf16", "false", *overrides]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("sftmix: error: ")]  # beside progress bars
+    assert len(errors) == 1 and message in errors[0], err[-2000:]
+    assert "Traceback" not in err
+    assert not out.exists()
