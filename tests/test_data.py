@@ -179,3 +179,26 @@ def test_real_alpaca_parts_directory(tokenizer):
     )
     assert len(ds) == 50 and len(set(ds["id"])) == 50
     assert all(m[0]["content"].isascii() for m in ds["messages"][:10])  # the English fields
+
+
+def test_hub_dataset_name_goes_through_load_dataset(monkeypatch):
+    import datasets
+    from datasets import Dataset
+
+    calls = {}
+
+    def fake_load_dataset(name, config=None, split=None, **kwargs):
+        calls.update(name=name, config=config, split=split)
+        return Dataset.from_list(json.loads((DATA / "alpaca.json").read_text()))
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    ds = load("tatsu-lab/alpaca", dataset_config="default", dataset_split="train[:10]")
+    assert calls == {"name": "tatsu-lab/alpaca", "config": "default", "split": "train[:10]"}
+    assert ds["id"] == load(DATA / "alpaca.json")["id"]
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(SFTMixError, match="cannot load dataset 'org/none'.*Couldn't reach the Hub"):
+        load("org/none")

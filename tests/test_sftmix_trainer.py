@@ -317,3 +317,23 @@ def test_train_entry_point_resumes_to_the_same_result(tmp_path, tiny_llama_dir):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
     assert run(crashed, 4) == resumed  # finished: returns at once
+
+
+def test_same_seed_same_loss_curve(tmp_path, tiny_llama_dir, tokenizer, dataset, dynamics):
+    curves = []
+    for run in ("a", "b"):
+        trainer = SFTMixTrainer(
+            model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+            args=mixup_args(tmp_path / run, dynamics),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+        trainer.train()
+        curves.append(
+            [
+                (e["loss"], e["loss_mixup"], e["mixup_lambda"])
+                for e in trainer.state.log_history
+                if "loss_mixup" in e
+            ]
+        )
+    assert len(curves[0]) == 3 and curves[0] == curves[1]
