@@ -94,6 +94,8 @@ def parse_config(command: str, argv: Sequence[str], defaults: dict[str, Any] | N
         from .sftmix_config import DEFAULT_MODEL
 
         values.setdefault("model_name_or_path", DEFAULT_MODEL)
+        # TensorBoard logs in <output_dir>/runs unless the user says otherwise
+        values.setdefault("report_to", ["tensorboard"])
     if known.config:
         config = _load_yaml(known.config)
         for key in config:
