@@ -82,6 +82,8 @@ class DynamicsArguments:
         score_checkpoints: Score these existing checkpoints (comma-separated paths) instead of training a
             reference model.
         scoring_batch_size: Examples per no-grad scoring batch (batches are grouped by length).
+        scoring_dtype: Weights dtype of the scored checkpoints: ``auto`` (bfloat16 when training in bf16,
+            else the model's dtype), ``float32`` or ``bfloat16``.
     """
 
     num_checkpoints: int = field(
@@ -99,6 +101,13 @@ class DynamicsArguments:
         },
     )
     scoring_batch_size: int = field(default=16, metadata={"help": "Examples per scoring batch."})
+    scoring_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Weights dtype for scoring: auto (bfloat16 when training in bf16, else the model's dtype), "
+            "float32 or bfloat16."
+        },
+    )
 
 
 @dataclass

@@ -413,3 +413,21 @@ def test_stale_reference_and_scores_are_detected(reference_run, tiny_llama_dir, 
     assert full["checkpoint"] == short["checkpoint"] and full["fingerprint"] != short["fingerprint"]
     assert full["perplexities"] != short["perplexities"]
     assert (out / "dynamics.jsonl").read_bytes() == (reference_run / "dynamics.jsonl").read_bytes()
+
+
+def test_bf16_scoring_is_close_to_fp32_and_auto_picks_it(tiny_llama_dir):
+    from sftmix.dynamics import _scoring_dtype
+
+    fp32 = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    bf16 = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
+    dataset = _token_dataset(fp32.config.vocab_size)
+    exact = score_checkpoint(fp32, dataset, 4, show_progress=False)
+    approx = score_checkpoint(bf16, dataset, 4, bf16=True, show_progress=False)
+    np.testing.assert_allclose(approx, exact, rtol=0.05)
+    assert not np.array_equal(approx, exact)  # really computed in bf16
+    training = SFTMixConfig(output_dir="x", bf16=True, use_cpu=True)
+    assert _scoring_dtype(DynamicsArguments(), training, None) == "bfloat16"
+    assert _scoring_dtype(DynamicsArguments(scoring_dtype="float32"), training, None) == "float32"
+    assert (
+        _scoring_dtype(DynamicsArguments(), SFTMixConfig(output_dir="x", bf16=False), "float32") == "float32"
+    )
