@@ -82,7 +82,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         chunk_size: int,
         logit_scale: float,
         softcap: float | None,
-        with_stats: bool,
+        stats_rows: int,
     ):
         device = hidden.device
         needs_grad = ctx.needs_input_grad[:3]
@@ -93,6 +93,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         N, V = hidden.shape[0], weight.shape[0]
         ce = torch.zeros(N, device=device, dtype=torch.float32)
         ce2 = torch.zeros(N, device=device, dtype=torch.float32)
+        with_stats = stats_rows > 0
         entropy = torch.zeros(N, device=device, dtype=torch.float32) if with_stats else None
         is_top1 = torch.zeros(N, device=device, dtype=torch.bool) if with_stats else None
         grad_hidden = torch.zeros(hidden.shape, device=device, dtype=torch.float32) if needs_grad[0] else None
@@ -115,10 +116,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             r1, r2 = weights / safe, weights2 / safe
             row_scale = both * logit_scale  # d(scale * raw)/d(raw), folded into the cast to compute_dtype
             n_max = min(chunk_size, N)
-            tmp_buf = torch.empty((n_max, V), device=device, dtype=torch.float32) if with_stats else None
+            tmp_rows = min(n_max, stats_rows)
+            tmp_buf = torch.empty((tmp_rows, V), device=device, dtype=torch.float32) if with_stats else None
             for start in range(0, N, chunk_size):
                 end = min(start + chunk_size, N)
-                n = end - start
                 h_c = hidden[start:end].to(compute_dtype)
                 y1, y2 = targets[start:end, None], targets2[start:end, None]
                 # [n, V] logits before the model's transform (F.linear: oneDNN's fast path for a [V, H] weight)
@@ -137,10 +138,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 lse = z.gather(1, top).float().squeeze(1) - torch.log(p.gather(1, top).squeeze(1))
                 ce[start:end] = lse - z.gather(1, y1).float().squeeze(1)
                 ce2[start:end] = lse - z.gather(1, y2).float().squeeze(1)
-                if with_stats:
-                    is_top1[start:end] = top.squeeze(1) == y1.squeeze(1)
+                k = min(end, stats_rows) - start  # rows of this chunk that want statistics
+                if k > 0:
+                    is_top1[start : start + k] = top[:k].squeeze(1) == y1[:k].squeeze(1)
                     # H = log Z - sum_v p_v z_v
-                    entropy[start:end] = lse - torch.mul(p, z, out=tmp_buf[:n]).sum(-1)
+                    entropy[start : start + k] = lse[:k] - torch.mul(p[:k], z[:k], out=tmp_buf[:k]).sum(-1)
                 if not compute_grad:
                     continue
                 p.scatter_add_(1, y1, -r1[start:end, None])
@@ -172,7 +174,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grads = [None, None, None]
         for i, (g, dtype) in enumerate(zip((grad_hidden, grad_weight, grad_bias), ctx.dtypes, strict=True)):
             if g is not None and ctx.needs_input_grad[i]:
-                grads[i] = (g * grad_loss.float()).to(dtype)
+                # The usual upstream gradient is 1: then no second [V, H] buffer is allocated
+                grads[i] = (
+                    g
+                    if dtype == torch.float32 and bool(grad_loss == 1)
+                    else (g * grad_loss.float()).to(dtype)
+                )
         return (*grads, None, None, None, None, None, None, None, None)
 
 
@@ -189,6 +196,7 @@ def fused_linear_cross_entropy(
     logit_scale: float = 1.0,
     softcap: float | None = None,
     with_stats: bool = False,
+    stats_rows: int | None = None,
 ) -> FusedCEOutput:
     """Weighted cross-entropy of ``hidden @ weight.T (+ bias)`` against one or two targets per row, fused.
 
@@ -204,6 +212,8 @@ def fused_linear_cross_entropy(
         logit_scale: Multiplier of the logits before soft-capping (1.0: none).
         softcap: ``cap`` of ``cap * tanh(z / cap)`` applied to the logits (None: none).
         with_stats: Also return each row's entropy and whether ``targets`` is the top-1 prediction.
+        stats_rows: With ``with_stats``, compute them for the first ``stats_rows`` rows only (the others stay
+            0): the trainer wants them for its NTP rows, not for the mixed rows after them.
 
     Returns:
         A `FusedCEOutput` whose ``loss`` is the scalar ``sum_n weights[n] * CE(row n, targets[n]) +
@@ -244,7 +254,7 @@ def fused_linear_cross_entropy(
         chunk_size,
         float(logit_scale),
         softcap,
-        with_stats,
+        (hidden.shape[0] if stats_rows is None else stats_rows) if with_stats else 0,
     )
     return FusedCEOutput(loss, ce, ce2, entropy, is_top1)
 

@@ -167,7 +167,8 @@ def mixup_loss(
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     mixed = mix_hidden_states(hidden_c, labels_c, hidden_u, labels_u, lam)
-    log_p = torch.log_softmax(head(mixed.hidden).float(), dim=-1)
+    # Mixed in fp32; projected in the hidden states' own dtype, so a bf16 head works outside autocast too
+    log_p = torch.log_softmax(head(mixed.hidden.to(hidden_c.dtype)).float(), dim=-1)
     ce_c = -log_p.gather(1, mixed.targets_c[:, None]).squeeze(1)
     ce_u = -log_p.gather(1, mixed.targets_u[:, None]).squeeze(1)
     total = (mixed.lam * ce_c + (1 - mixed.lam) * ce_u).sum()

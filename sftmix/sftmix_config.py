@@ -1,7 +1,7 @@
 """Configuration dataclasses: one per concern, each field a CLI flag and a YAML key.
 
-The CLI parses ``--config cfg.yaml`` plus ``--name value`` overrides onto these dataclasses with TRL's
-``TrlParser`` (the way ``trl sft --config`` does), so every ``trl.SFTConfig`` / ``TrainingArguments`` field
+The CLI parses ``--config cfg.yaml`` plus ``--name value`` overrides onto these dataclasses with
+``HfArgumentParser``, the way ``trl sft --config`` does (plus suggestions for unknown names), so every ``trl.SFTConfig`` / ``TrainingArguments`` field
 and every ``trl.ModelConfig`` field (``use_peft``, ``lora_r``, ``dtype``...) works as well.
 """
 
@@ -122,6 +122,9 @@ class SFTMixConfig(SFTConfig):
             examples are confident. Required when ``mixup_weight > 0``.
         lambda_per: ``pair`` (default, one lambda per confident/unconfident pair) or ``batch`` (one per
             micro-batch). The paper does not say which.
+        ntp_fused_head: With ``mixup_weight=0``, compute the NTP loss with sftmix's fused head (it computes
+            the head's gradients in the forward pass: 2-3x faster than TRL's chunked head on CPU, same loss
+            within float tolerance). ``False`` runs TRL's own ``compute_loss``.
         head_chunk_size: Tokens per chunk of the fused LM head (bounds the [chunk, vocab] logits buffer).
     """
 
@@ -133,6 +136,13 @@ class SFTMixConfig(SFTConfig):
     lambda_per: str = field(
         default="pair",
         metadata={"help": "One lambda per 'pair' or per 'batch'.", "choices": ["pair", "batch"]},
+    )
+    ntp_fused_head: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the NTP loss with sftmix's fused head too (faster; equal to TRL's loss within float "
+            "tolerance). False: TRL's own compute_loss when mixup_weight=0."
+        },
     )
     head_chunk_size: int = field(
         default=1024, metadata={"help": "Tokens per chunk of the fused LM head (memory bound of the logits)."}

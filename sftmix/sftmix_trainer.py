@@ -130,6 +130,7 @@ def sftmix_head_loss(
         logit_scale=logit_scale,
         softcap=softcap,
         with_stats=True,
+        stats_rows=num_ntp,
     )
     mixup_ce = (lam * out.ce[num_ntp:] + (1 - lam) * out.ce2[num_ntp:]).sum() if lam is not None else None
     return SFTMixOutput(
@@ -202,9 +203,9 @@ class SFTMixTrainer(SFTTrainer):
     _tag_names = ["trl", "sft", "sftmix"]
 
     def __init__(self, model, args: SFTMixConfig | SFTConfig | None = None, *pos_args, **kwargs):
-        if args is None:
+        if args is None:  # as trl.SFTTrainer; without a dynamics file that is plain NTP
             name = model if isinstance(model, str) else model.config._name_or_path
-            args = SFTMixConfig(f"{str(name).split('/')[-1]}-SFTMix")
+            args = SFTMixConfig(f"{str(name).split('/')[-1]}-SFTMix", mixup_weight=0.0)
         elif not isinstance(args, SFTMixConfig):
             raise SFTMixError(
                 f"SFTMixTrainer needs an SFTMixConfig, got {type(args).__name__}; use SFTMixConfig(..., "
@@ -234,8 +235,13 @@ class SFTMixTrainer(SFTTrainer):
         )
         # The fused head of `sftmix.head` computes its gradients in the forward pass: on CPU it is 2-3x faster than
         # TRL's chunked head, so it also serves the NTP loss, whenever the loss is TRL's plain NLL.
+        if self._mixup and self.aux_loss_enabled:
+            raise SFTMixError(
+                "Mixup does not add the MoE router's auxiliary loss: set router_aux_loss_coef=0, or mixup_weight=0"
+            )
         self._own_head = self._mixup or (
-            args.loss_type == "nll"
+            args.ntp_fused_head
+            and args.loss_type == "nll"
             and self.label_smoother is None
             and self.compute_loss_func is None
             and not self.aux_loss_enabled

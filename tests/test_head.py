@@ -134,3 +134,15 @@ def test_transform_and_parameters_follow_the_config(tiny_qwen2_dir):
     assert lm_head_transform(model) == (0.25, 30.0)
     weight, bias = lm_head_parameters(model)
     assert weight is model.lm_head.weight and bias is None
+
+
+def test_stats_rows_limits_the_statistics_to_leading_rows():
+    torch.manual_seed(0)
+    h, w = torch.randn(7, 6), torch.randn(11, 6)
+    y = torch.randint(0, 11, (7,))
+    full = fused_linear_cross_entropy(h, w, y, torch.ones(7), chunk_size=3, with_stats=True)
+    some = fused_linear_cross_entropy(h, w, y, torch.ones(7), chunk_size=3, with_stats=True, stats_rows=4)
+    torch.testing.assert_close(some.loss, full.loss)
+    torch.testing.assert_close(some.entropy[:4], full.entropy[:4])
+    assert torch.equal(some.is_top1[:4], full.is_top1[:4])
+    assert not some.entropy[4:].any() and not some.is_top1[4:].any() and full.entropy[4:].gt(0).all()

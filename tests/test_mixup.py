@@ -160,3 +160,13 @@ def test_rejects_mismatched_pairs_and_bad_reduction():
     y = torch.tensor([[1, 2]])
     with pytest.raises(ValueError, match="reduction"):
         mixup_loss(h, y, h, y, torch.ones(1), torch.nn.Linear(H, V), reduction="none")
+
+
+def test_mixup_loss_with_a_bf16_head_outside_autocast():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 13, bias=False).to(torch.bfloat16)
+    h_c, h_u = torch.randn(2, 4, 8, dtype=torch.bfloat16), torch.randn(2, 4, 8, dtype=torch.bfloat16)
+    y = torch.tensor([[-100, 1, 2, 3], [4, 5, 6, -100]])
+    loss = mixup_loss(h_c, y, h_u, y.flip(0), torch.tensor([0.25, 0.75]), head)
+    ref = mixup_loss(h_c.float(), y, h_u.float(), y.flip(0), torch.tensor([0.25, 0.75]), head.float())
+    assert torch.isfinite(loss) and abs(loss.item() - ref.item()) < 0.05

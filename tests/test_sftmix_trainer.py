@@ -337,3 +337,25 @@ def test_same_seed_same_loss_curve(tmp_path, tiny_llama_dir, tokenizer, dataset,
             ]
         )
     assert len(curves[0]) == 3 and curves[0] == curves[1]
+
+
+def test_trl_compute_loss_on_request_and_no_args(tmp_path, tiny_llama_dir, tokenizer, dataset):
+    trl_trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+        args=SFTConfig(output_dir=str(tmp_path / "trl"), **COMMON),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    trl_trainer.train()
+    ours = SFTMixTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+        args=SFTMixConfig(
+            output_dir=str(tmp_path / "ours"), mixup_weight=0.0, ntp_fused_head=False, **COMMON
+        ),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    ours.train()
+    assert losses(ours) == losses(trl_trainer)  # TRL's own compute_loss: identical to the bit
+    bare = SFTMixTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir), train_dataset=dataset)
+    assert bare.args.mixup_weight == 0.0  # like trl.SFTTrainer without args: plain NTP
