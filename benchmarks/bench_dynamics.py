@@ -53,7 +53,10 @@ def main() -> None:
     parser.add_argument("--num_examples", type=int, default=128)
     parser.add_argument("--max_length", type=int, default=256)
     parser.add_argument("--num_checkpoints", type=int, default=3)
-    parser.add_argument("--batch_size", type=int, default=8, help="Training and scoring batch size.")
+    parser.add_argument("--batch_size", type=int, default=8, help="Training batch size.")
+    parser.add_argument(
+        "--scoring_batch_size", type=int, default=16, help="Scoring batch size (sftmix's default)."
+    )
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for training and scoring.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output_dir", default="/tmp/sftmix_bench_dynamics")
@@ -87,7 +90,7 @@ def main() -> None:
     dynamics.run_dynamics(
         ModelConfig(model_name_or_path=args.model),
         DataArguments(dataset_name=args.data, max_examples=args.num_examples),
-        DynamicsArguments(num_checkpoints=args.num_checkpoints, scoring_batch_size=args.batch_size),
+        DynamicsArguments(num_checkpoints=args.num_checkpoints, scoring_batch_size=args.scoring_batch_size),
         training_args,
     )
     summary = json.loads((output_dir / "dynamics_summary.json").read_text())
@@ -100,6 +103,7 @@ def main() -> None:
         "max_length": args.max_length,
         "num_checkpoints": args.num_checkpoints,
         "batch_size": args.batch_size,
+        "scoring_batch_size": args.scoring_batch_size,
         "bf16": args.bf16,
         "threads": args.threads,
         "train_epoch_s": round(train_s, 1),
