@@ -57,4 +57,13 @@ def run_pipeline(
         training_args.mixup_weight,
         training_args.output_dir,
     )
-    return train(model_args, data_args, training_args)
+    final = train(model_args, data_args, training_args)
+    dynamics = training_args.dynamics_path
+    logger.info(
+        "Done. Model: %s | dynamics: %s | data map: %s | logs: tensorboard --logdir %s",
+        final,
+        dynamics,
+        Path(dynamics).with_name("datamap.png") if dynamics else None,
+        training_args.output_dir,
+    )
+    return final
