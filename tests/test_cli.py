@@ -152,3 +152,11 @@ def test_bad_mixup_inputs_exit_2_and_write_nothing(tmp_path, capsys, tiny_llama_
     assert len(errors) == 1 and message in errors[0], err[-2000:]
     assert "Traceback" not in err
     assert not out.exists()
+
+
+def test_datamap_command(tmp_path, capsys):
+    out = tmp_path / "map.png"
+    assert main(["datamap", str(DATA / "alpaca_dynamics.jsonl"), "--output", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["datamap", str(tmp_path / "none.jsonl"), "--output", str(out)]) == 2
+    assert "dynamics file not found" in capsys.readouterr().err
