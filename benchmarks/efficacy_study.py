@@ -212,7 +212,10 @@ def report(root: Path) -> None:
         for result in run.glob("eval/*/eval.json"):
             for task, metrics in json.loads(result.read_text()).items():
                 for metric, value in metrics.items():
-                    if isinstance(value, int | float):
+                    if isinstance(value, int | float) and metric not in (
+                        "n",
+                        "tokens",
+                    ):  # counts, not results
                         table.setdefault(f"{task}/{metric}", {}).setdefault(arm, {})[int(seed)] = value
     lines = [
         f"Efficacy study `{root.name}` ({time.strftime('%Y-%m-%d')}): mean ± std over seeds [per-seed]",
