@@ -188,14 +188,17 @@ class EvalArguments:
         task: ``medqa``, ``medmcqa``, ``pubmedqa``, ``mmlu_medical``, ``mc`` (generic multiple choice),
             ``ifeval``, ``perplexity``, ``mt_bench`` or ``alpaca_eval``.
         data_path: The task's data file.
-        limit: Evaluate only the first N items.
+        limit: Evaluate only the first N items (per subject for MMLU, as lm-eval does).
         output_dir: Where ``eval.json`` is written.
     """
 
     model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={"help": "Model(s) to evaluate."})
     task: str = field(default="perplexity", metadata={"help": "Evaluation task."})
     data_path: str | None = field(default=None, metadata={"help": "The task's data file."})
-    limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N items."})
+    limit: int | None = field(
+        default=None,
+        metadata={"help": "Evaluate only the first N items (per subject for MMLU, as lm-eval does)."},
+    )
     output_dir: str = field(default="eval_out", metadata={"help": "Directory for eval.json."})
     formulation: str = field(
         default="cloze", metadata={"help": "Multiple choice: 'cloze' (score option texts) or 'letter'."}
