@@ -3,7 +3,7 @@
 Studies (each in ``--root/<study>``):
 
 - ``alpaca``: a random subset of Alpaca-52K (``../shared/data/alpaca_52k_en_zh_parts``, English fields),
-  evaluated with IFEval (``--ifeval_limit`` prompts) and held-out response perplexity;
+  evaluated with IFEval (``--limit ifeval=N`` prompts) and held-out response perplexity;
 - ``medical``: MedAlpaca WikiDoc patient information, evaluated on MedMCQA, PubMedQA and MMLU-medical.
 
 Every step runs the real ``sftmix`` CLI and is resumable: re-running the same command skips finished runs and
@@ -27,26 +27,43 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-ARMS = {"ntp": 0.0, "sftmix": 0.2, "equal": 1.0, "random": 0.2}
+# Arm -> mixup_weight. ``base`` is the untrained model (evaluated once, as seed 0); ``weak`` is SFTMix with the
+# split measured by ``--weak_reference`` (a smaller model with the same tokenizer): the weak-to-strong ablation.
+ARMS = {"base": None, "ntp": 0.0, "sftmix": 0.2, "equal": 1.0, "random": 0.2, "weak": 0.2}
 
 STUDIES = {
     "alpaca": {
         "source": str(SHARED / "alpaca_52k_en_zh_parts"),
         "columns": "instruction=en_instruction,input=en_input,output=en_output",
-        "evals": [("perplexity", "heldout"), ("ifeval", str(SHARED / "ifeval" / "ifeval.jsonl"))],
+        "evals": [("perplexity", "heldout", []), ("ifeval", str(SHARED / "ifeval" / "ifeval.jsonl"), [])],
     },
     "medical": {
         "source": str(SHARED / "medalpaca_wikidoc_patient_info" / "medical_meadow_small.json"),
         "columns": None,
         "evals": [
-            ("perplexity", "heldout"),
-            ("medmcqa", str(SHARED / "medmcqa_dev" / "validation.jsonl")),
-            ("pubmedqa", str(SHARED / "pubmedqa")),
-            ("mmlu_medical", str(SHARED / "mmlu_medical")),
+            ("perplexity", "heldout", []),
+            # Letter scoring: one forward per question (cheap, so more questions); the base model is above
+            # chance with it (0.31 on 300 questions) and near chance with option-text (cloze) scoring.
+            ("medmcqa", str(SHARED / "medmcqa_dev" / "validation.jsonl"), ["--formulation", "letter"]),
+            ("pubmedqa", str(SHARED / "pubmedqa"), []),
+            ("mmlu_medical", str(SHARED / "mmlu_medical"), []),
         ],
     },
 }
+
+
+# Items per evaluation task (per subject for MMLU); ``--limit task=N`` overrides, ``task=0`` means all.
+DEFAULT_LIMITS = {"ifeval": 100, "medmcqa": 500, "pubmedqa": 200, "mmlu_medical": 20}
+
+
+def _task_limit(text: str) -> tuple[str, int]:
+    task, _, n = text.partition("=")
+    if not n.isdigit():
+        raise argparse.ArgumentTypeError(f"--limit takes task=N, got {text!r}")
+    return task, int(n)
 
 
 def sh(cmd: list[str], log: Path) -> None:
@@ -128,74 +145,47 @@ def run_study(args: argparse.Namespace) -> None:
         "--report_to",
         "tensorboard",
     ]
-    dynamics_dir = root / "dynamics"
-    if not (dynamics_dir / "dynamics.jsonl").exists():
-        sh(
-            [
-                "sftmix",
-                "dynamics",
-                *common,
-                "--output_dir",
-                str(dynamics_dir),
-                "--seed",
-                "0",
-                "--num_checkpoints",
-                str(args.num_checkpoints),
-            ],
-            log,
-        )
+
+    def dynamics(out: Path, reference: list[str]) -> Path:
+        """Stage 1 once per study (and reference): the split every seed shares, as in the paper."""
+        if not (out / "dynamics.jsonl").exists():
+            cmd = ["sftmix", "dynamics", *common, *reference, "--output_dir", str(out), "--seed", "0"]
+            sh([*cmd, "--num_checkpoints", str(args.num_checkpoints)], log)
+        return out / "dynamics.jsonl"
+
+    if {"sftmix", "equal", "random"} & set(args.arms):
+        split = dynamics(root / "dynamics", [])
+    if "weak" in args.arms:
+        if not args.weak_reference:
+            sys.exit("the weak arm needs --weak_reference (see make_weak_reference.py)")
+        weak_split = dynamics(root / "dynamics-weak", ["--reference_model_name_or_path", args.weak_reference])
+    limits = {**DEFAULT_LIMITS, **dict(_task_limit(x) for x in args.limit)}
     for seed in args.seeds:
         for arm in args.arms:
-            run = root / f"{arm}-s{seed}"
-            if (
-                not (run / "final" / "config.json").exists()
-                and not (run / "final" / "adapter_config.json").exists()
-            ):
+            run = root / f"{arm}-s{0 if arm == 'base' else seed}"
+            model = args.model if arm == "base" else str(run / "final")
+            if arm != "base" and not (run / "final" / "config.json").exists():
                 extra = ["--mixup_weight", str(ARMS[arm])]
-                if ARMS[arm] > 0:
-                    path = dynamics_dir / "dynamics.jsonl"
-                    if arm == "random":
-                        path = random_split(path, root / f"random_split-s{seed}.jsonl", seed)
-                    extra += ["--dynamics_path", str(path)]
-                sh(
-                    [
-                        "sftmix",
-                        "train",
-                        *common,
-                        *extra,
-                        "--num_train_epochs",
-                        str(args.epochs),
-                        "--seed",
-                        str(seed),
-                        "--output_dir",
-                        str(run),
-                    ],
-                    log,
-                )
-            for task, data in study["evals"]:
-                if args.evals and task not in args.evals:
-                    continue
+                if arm in ("sftmix", "equal"):
+                    extra += ["--dynamics_path", str(split)]
+                elif arm == "random":
+                    extra += [
+                        "--dynamics_path",
+                        str(random_split(split, root / f"random_split-s{seed}.jsonl", seed)),
+                    ]
+                elif arm == "weak":
+                    extra += ["--dynamics_path", str(weak_split)]
+                cmd = ["sftmix", "train", *common, *extra, "--num_train_epochs", str(args.epochs)]
+                sh([*cmd, "--seed", str(seed), "--output_dir", str(run)], log)
+            for task, data, options in study["evals"]:
                 out = run / "eval" / task
-                if (out / "eval.json").exists():
+                if (args.evals and task not in args.evals) or (out / "eval.json").exists():
                     continue
                 data = str(heldout) if data == "heldout" else data
-                limit = {"ifeval": args.ifeval_limit}.get(
-                    task, args.mc_limit if task != "perplexity" else None
-                )
-                cmd = [
-                    "sftmix",
-                    "eval",
-                    "--model_name_or_path",
-                    str(run / "final"),
-                    "--task",
-                    task,
-                    "--data_path",
-                    data,
-                    "--output_dir",
-                    str(out),
-                ]
-                if limit:
-                    cmd += ["--limit", str(limit)]
+                cmd = ["sftmix", "eval", "--model_name_or_path", model, "--task", task, "--data_path", data]
+                cmd += [*options, "--output_dir", str(out)]
+                if limits.get(task):
+                    cmd += ["--limit", str(limits[task])]
                 if task == "ifeval":
                     cmd += ["--max_new_tokens", str(args.max_new_tokens)]
                 sh(cmd, log)
@@ -229,10 +219,101 @@ def report(root: Path) -> None:
             std = statistics.stdev(values) if len(values) > 1 else float("nan")
             seeds = ", ".join(f"s{s}: {by_seed[s]:.4f}" for s in sorted(by_seed))
             lines.append(f"| {metric} | {arm} | {statistics.mean(values):.4f} | {std:.4f} | {seeds} |")
+    lines += ["", *paired_comparison(root)]
     text = "\n".join(lines) + "\n"
     (root / "results.md").write_text(text)
     (root / "results.json").write_text(json.dumps(table, indent=2, sort_keys=True))
     print(text)
+
+
+# Per-item statistics of the paired comparison: task -> {metric: statistic of the per-item fields}. Each
+# statistic reduces the last axis, so one call evaluates every bootstrap resample at once.
+PAIRED_METRICS = {
+    "perplexity": {
+        "perplexity": lambda f: np.exp(f["nll"].sum(-1) / f["tokens"].sum(-1)),
+        "mean_example_perplexity": lambda f: f["perplexity"].mean(-1),
+    },
+    "ifeval": {"prompt_level_strict_acc": lambda f: f["prompt_level_strict_acc"].mean(-1)},
+    **{
+        task: {"acc": lambda f: f["correct"].mean(-1), "acc_norm": lambda f: f["correct_norm"].mean(-1)}
+        for task in ("medmcqa", "pubmedqa", "mmlu_medical", "medqa")
+    },
+}
+
+
+def _item_fields(run: Path, task: str) -> dict[str, dict[str, float]] | None:
+    """``{item id: {field: value}}`` from a run's ``predictions.jsonl`` for ``task``, or None if not evaluated."""
+    path = run / "eval" / task / "predictions.jsonl"
+    if not path.exists():
+        return None
+    items = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        key = str(row.get("id", row.get("key")))
+        items[key] = {k: float(v) for k, v in row.items() if isinstance(v, bool | int | float)}
+    return items
+
+
+def paired_comparison(root: Path, baseline: str = "ntp", resamples: int = 10_000) -> list[str]:
+    """Each arm against ``baseline`` on the same held-out items: difference and a paired bootstrap 95% CI.
+
+    Per item, the scores are averaged over the seeds both arms finished (the same seeds), then the items are
+    resampled with replacement (the same resample for both arms): the interval shows how much of a difference
+    the size of the evaluation set can resolve. The per-seed differences show the training-seed noise.
+    """
+    runs: dict[str, dict[int, Path]] = {}
+    for run in root.glob("*-s*"):
+        if run.is_dir():
+            arm, seed = run.name.rsplit("-s", 1)
+            runs.setdefault(arm, {})[int(seed)] = run
+    lines = [
+        f"Paired against `{baseline}` (seed-averaged per item; 95% bootstrap CI over items, {resamples} resamples):",
+        "",
+        "| metric | arm | difference | 95% CI | per-seed differences |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    rng = np.random.default_rng(0)
+    for task, metrics in PAIRED_METRICS.items():
+        for arm in sorted(set(runs) - {baseline, "base"}):
+            seeds = sorted(set(runs[arm]) & set(runs.get(baseline, {})))
+            per_seed = {
+                s: (_item_fields(runs[arm][s], task), _item_fields(runs[baseline][s], task)) for s in seeds
+            }
+            per_seed = {s: pair for s, pair in per_seed.items() if None not in pair}
+            if not per_seed:
+                continue
+            keys = sorted(set.intersection(*(set(a) & set(b) for a, b in per_seed.values())))
+
+            arm_f = _seed_mean([_fields_of(a, keys) for a, _ in per_seed.values()])
+            base_f = _seed_mean([_fields_of(b, keys) for _, b in per_seed.values()])
+            idx = rng.integers(0, len(keys), (resamples, len(keys)))
+            for metric, stat in metrics.items():
+                if metric == "acc_norm" and "correct_norm" not in arm_f:
+                    continue
+                diff = float(stat(arm_f) - stat(base_f))
+                boot = stat({n: v[idx] for n, v in arm_f.items()}) - stat(
+                    {n: v[idx] for n, v in base_f.items()}
+                )
+                low, high = np.percentile(boot, [2.5, 97.5])
+                seed_diffs = ", ".join(
+                    f"s{s}: {float(stat(_fields_of(a, keys)) - stat(_fields_of(b, keys))):+.4f}"
+                    for s, (a, b) in per_seed.items()
+                )
+                lines.append(
+                    f"| {task}/{metric} ({len(keys)} items) | {arm} | {diff:+.4f} | [{low:+.4f}, {high:+.4f}] "
+                    f"| {seed_diffs} |"
+                )
+    return lines
+
+
+def _fields_of(items: dict[str, dict[str, float]], keys: list[str]) -> dict[str, np.ndarray]:
+    """Per-item fields as arrays over ``keys``."""
+    return {n: np.array([items[k][n] for k in keys]) for n in items[keys[0]]}
+
+
+def _seed_mean(per_seed: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Each per-item field averaged over seeds."""
+    return {n: np.mean([f[n] for f in per_seed], axis=0) for n in per_seed[0]}
 
 
 def main() -> None:
@@ -252,8 +333,14 @@ def main() -> None:
     parser.add_argument("--grad_accum", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--num_checkpoints", type=int, default=3)
-    parser.add_argument("--ifeval_limit", type=int, default=100)
-    parser.add_argument("--mc_limit", type=int, default=500)
+    parser.add_argument(
+        "--limit", nargs="+", default=[], metavar="TASK=N", help=f"items per task (default {DEFAULT_LIMITS})"
+    )
+    parser.add_argument(
+        "--weak_reference",
+        default=None,
+        help="reference model of the weak arm (a smaller model, same tokenizer)",
+    )
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--evals", nargs="+", default=None, help="only these evaluation tasks (default: all)")
     parser.add_argument("--report", action="store_true", help="only print the tables of what has finished")
