@@ -30,6 +30,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from .errors import SFTMixError
+from .io_utils import iter_jsonl, read_utf8
 from .sftmix_config import DATASET_FORMATS, DataArguments
 
 logger = logging.getLogger(__name__)
@@ -76,11 +77,7 @@ def _local_files(name: str) -> list[Path] | None:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise SFTMixError(f"{path}: line {line}: not UTF-8 text (byte {e.start})") from e
+    text = read_utf8(path)
     if not text.strip():
         raise SFTMixError(f"{path}: file is empty")
     return text
@@ -94,7 +91,7 @@ def _read_json_records(path: Path) -> Iterator[tuple[str, Any]]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             if text.lstrip().startswith("{") and "\n{" in text:  # JSON lines in a .json file
-                yield from _read_jsonl_text(path, text)
+                yield from _read_jsonl_records(path, text)
                 return
             raise SFTMixError(f"{path}: line {e.lineno}: malformed JSON ({e.msg})") from e
         if isinstance(data, dict):  # {"data": [...]} / {"train": [...]} wrappers
@@ -109,17 +106,11 @@ def _read_json_records(path: Path) -> Iterator[tuple[str, Any]]:
         for i, record in enumerate(data):
             yield f"{path}: record {i + 1}", record
     else:
-        yield from _read_jsonl_text(path, text)
+        yield from _read_jsonl_records(path, text)
 
 
-def _read_jsonl_text(path: Path, text: str) -> Iterator[tuple[str, Any]]:
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SFTMixError(f"{path}: line {lineno}: malformed JSON ({e.msg})") from e
+def _read_jsonl_records(path: Path, text: str) -> Iterator[tuple[str, Any]]:
+    for lineno, record in iter_jsonl(path, text):
         yield f"{path}: line {lineno}", record
 
 

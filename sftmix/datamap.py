@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SFTMixError
-from .io_utils import atomic_write_bytes
+from .io_utils import atomic_write_bytes, iter_jsonl
 
 MAX_POINTS = 100_000
 """At most this many points are drawn (a fixed random subset); the histograms always use every example."""
@@ -45,16 +45,8 @@ def draw_datamap(dynamics_path: str | Path, output_path: str | Path, title: str 
     if not dynamics_path.is_file():
         raise SFTMixError(f"dynamics file not found: {dynamics_path}")
     rows = []
-    for lineno, line in enumerate(dynamics_path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SFTMixError(f"{dynamics_path}: line {lineno}: malformed JSON ({e.msg})") from e
-        missing = [
-            k for k in ("confidence", "split", "perplexities") if not isinstance(row, dict) or k not in row
-        ]
+    for lineno, row in iter_jsonl(dynamics_path):
+        missing = [k for k in ("confidence", "split", "perplexities") if k not in row]
         if missing:
             raise SFTMixError(f"{dynamics_path}: line {lineno}: missing field '{missing[0]}'")
         rows.append(row)

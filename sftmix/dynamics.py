@@ -6,7 +6,8 @@ The path through this module, top to bottom:
    Perp_c(i)`` over C reference checkpoints, then the top half by confidence is confident.
 2. `score_checkpoint` measures ``Perp_c(i)``: the perplexity of each example's response tokens given its
    instruction, in no-grad batches grouped by length. Only the positions that carry loss go through the LM
-   head, a chunk at a time, so no ``[batch, seq, vocab]`` tensor is ever built.
+   head, a chunk at a time, so no ``[batch, seq, vocab]`` tensor is ever built (`response_nll_sums`, which the
+   held-out perplexity of `sftmix.evaluation.perplexity` uses too).
 3. `run_dynamics` trains the reference model (`sftmix.reference.train_reference`, plain next-token prediction,
    C checkpoints evenly spaced through the run), then drives it all, resumably: it writes one scores file per checkpoint as soon as it is
    scored, then ``dynamics.jsonl``, ``dynamics_summary.json`` and the data map ``datamap.png``.
@@ -22,7 +23,7 @@ import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from accelerate.utils import gather_object
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
-from trl.trainer.utils import maybe_gather_lm_head_ctx
+from trl.trainer.utils import maybe_gather_lm_head_ctx, pad
 
 from .errors import SFTMixError
 from .head import fused_linear_cross_entropy, lm_head_parameters, lm_head_transform
@@ -142,47 +143,71 @@ def response_token_counts(dataset: Dataset) -> np.ndarray:
     )
 
 
+class LMHead(NamedTuple):
+    """What the fused head needs of a model's output layer, looked up once per model rather than per batch."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    logit_scale: float
+    softcap: float | None
+
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> LMHead:
+        return cls(*lm_head_parameters(model), *lm_head_transform(model))
+
+
 @torch.no_grad()
-def _score_batch(
-    model: PreTrainedModel, rows: list[dict[str, list[int]]], chunk_size: int, device: torch.device
-) -> torch.Tensor:
-    """Perplexity of each row of one batch (right-padded to the batch's own longest row)."""
-    width = max(len(row["input_ids"]) for row in rows)
-    input_ids = torch.zeros(len(rows), width, dtype=torch.long)  # pad id is irrelevant: masked, no loss
-    attention_mask = torch.zeros_like(input_ids)
-    labels = torch.full_like(input_ids, -100)
-    for b, row in enumerate(rows):
-        n = len(row["input_ids"])
-        input_ids[b, :n] = torch.tensor(row["input_ids"])
-        attention_mask[b, :n] = 1
-        labels[b, :n] = torch.tensor(row["labels"])
-    input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
+def response_nll_sums(
+    model: PreTrainedModel,
+    input_ids: Sequence[Sequence[int]],
+    labels: Sequence[Sequence[int]],
+    head: LMHead,
+    chunk_size: int,
+    device: torch.device,
+    pad_token_id: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL of each row's response tokens and their number, for one batch; never builds ``[B, T, V]``.
+
+    Args:
+        model: The causal LM (its ``base_model`` gives the last hidden states).
+        input_ids: ``B`` rows of token ids, right-padded here to the batch's own longest row.
+        labels: The rows' unshifted labels (``-100`` where no loss): ``labels[t]`` is predicted at ``t - 1``.
+        head: `LMHead.of` the model.
+        chunk_size: Loss positions per LM-head chunk.
+        device: Where the model's inputs go.
+        pad_token_id: Id of the padding (masked and unlabelled, so its value does not change the result).
+
+    Returns:
+        ``[B]`` float64 NLL sums and ``[B]`` int64 token counts, on ``device``.
+    """
+    input_ids_t = pad([torch.tensor(row, dtype=torch.long) for row in input_ids], pad_token_id).to(device)
+    attention_mask = pad([torch.ones(len(row), dtype=torch.long) for row in input_ids]).to(device)
+    labels_t = pad([torch.tensor(row, dtype=torch.long) for row in labels], -100).to(device)
 
     # The backbone's last hidden state is the LM head's input; the head runs on loss positions only.
     hidden = model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        input_ids=input_ids_t, attention_mask=attention_mask, use_cache=False
     ).last_hidden_state
-    targets = labels[:, 1:]
+    targets = labels_t[:, 1:]
     mask = targets != -100
     hidden, targets = hidden[:, :-1][mask], targets[mask]  # [n_tokens, H], [n_tokens]
     example = mask.nonzero()[:, 0]
     # The fused head of training, without gradients: per-token NLL with the model's logit scaling / soft-capping
-    weight, bias = lm_head_parameters(model)
-    scale, softcap = lm_head_transform(model)
-    with maybe_gather_lm_head_ctx(weight, bias):
+    weight = head.weight
+    with maybe_gather_lm_head_ctx(weight, head.bias):
         nll = fused_linear_cross_entropy(
             hidden.to(weight.device),
             weight,
             targets.to(weight.device),
             torch.ones(len(targets), device=weight.device),
-            bias,
+            head.bias,
             chunk_size=chunk_size,
-            logit_scale=scale,
-            softcap=softcap,
+            logit_scale=head.logit_scale,
+            softcap=head.softcap,
         ).ce.to(device)
-    sums = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, example, nll.double())
-    counts = torch.bincount(example, minlength=len(rows)).double()
-    return torch.exp(sums / counts).cpu()  # an example with no scored token gives NaN (0/0)
+    rows = len(input_ids)
+    sums = torch.zeros(rows, dtype=torch.float64, device=device).index_add_(0, example, nll.double())
+    return sums, torch.bincount(example, minlength=rows)
 
 
 def score_checkpoint(
@@ -219,17 +244,22 @@ def score_checkpoint(
     state = PartialState()
     batches = length_grouped_batches([len(ids) for ids in dataset["input_ids"]], batch_size)
     mine = batches[state.process_index :: state.num_processes]
+    columns = dataset.select_columns(["input_ids", "labels"])  # read a batch at once, only what is scored
     device = next(model.parameters()).device
+    head = LMHead.of(model)
     was_training = model.training
     model.eval()
     results: list[tuple[int, float]] = []
     try:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             for batch in tqdm(mine, desc=desc, disable=not show_progress or not state.is_local_main_process):
-                rows = [dataset[i] for i in batch]
-                results.extend(
-                    zip(batch, _score_batch(model, rows, chunk_size, device).tolist(), strict=True)
+                rows = columns[batch]
+                sums, counts = response_nll_sums(
+                    model, rows["input_ids"], rows["labels"], head, chunk_size, device
                 )
+                # an example with no scored token gives NaN (0/0)
+                perplexities = torch.exp(sums / counts.double()).cpu()
+                results.extend(zip(batch, perplexities.tolist(), strict=True))
     finally:
         model.train(was_training)
     if state.num_processes > 1:
@@ -299,6 +329,7 @@ def _scoring_dtype(dyn_args: Any, training_args: Any, dtype: str | None) -> str 
 def _score_all(
     checkpoints: list[Path],
     dataset: Dataset,
+    fingerprint: str,
     scores_dir: Path,
     dyn_args: Any,
     training_args: Any,
@@ -306,11 +337,11 @@ def _score_all(
 ) -> np.ndarray:
     """``[N, C]`` perplexities; each checkpoint's scores are read from, or written to, ``scores_dir``.
 
-    A scores file is reused only if it was made from the same data (fingerprint) and the same checkpoint:
-    named relative to the output dir when it lies inside it (so a moved or copied run dir stays valid).
+    A scores file is reused only if it was made from the same data (``fingerprint``, the `dataset_fingerprint`
+    of ``dataset``) and the same checkpoint: named relative to the output dir when it lies inside it (so a moved
+    or copied run dir stays valid).
     """
     state = PartialState()
-    fingerprint = dataset_fingerprint(dataset)
     columns = []
     for path, name in zip(checkpoints, _checkpoint_names(checkpoints), strict=True):
         checkpoint_key = _checkpoint_key(path, scores_dir.parent)
@@ -439,6 +470,7 @@ def run_dynamics(
     dataset = tokenize_sft_dataset(
         selected, tokenizer, training_args.max_length, getattr(training_args, "truncation_mode", "keep_start")
     )
+    fingerprint = dataset_fingerprint(dataset)  # hashed once: the reference run and the scores files use it
 
     if given:
         checkpoints = given
@@ -455,9 +487,10 @@ def run_dynamics(
             output_dir / "reference",
             epochs=dyn_args.reference_epochs,
             trainer_cls=trainer_cls,
+            fingerprint=fingerprint,
         )
     perplexities = _score_all(
-        checkpoints, dataset, output_dir / "scores", dyn_args, training_args, model_args.dtype
+        checkpoints, dataset, fingerprint, output_dir / "scores", dyn_args, training_args, model_args.dtype
     )
 
     ids = list(dataset["id"])

@@ -1,17 +1,22 @@
-"""Atomic file writes and JSON-lines helpers.
+"""Atomic file writes and the one JSON-lines reader.
 
 Every file sftmix produces is written to a temporary file in the same directory and moved into place
 with ``os.replace``, so a crash never leaves a half-written file that a resumed run would read as complete.
+Every JSON-lines file sftmix reads (data, dynamics, benchmarks) goes through `iter_jsonl`, so a broken line is
+reported the same way everywhere.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from .errors import SFTMixError
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -43,9 +48,47 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) 
     atomic_write_text(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
 
 
+def read_utf8(path: str | os.PathLike) -> str:
+    """The text of ``path`` (a UTF-8 byte-order mark is dropped); non-UTF-8 bytes are an `SFTMixError` naming
+    the line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        start = e.start + len(data) - len(e.object)  # "utf-8-sig" counts from after the byte-order mark
+        line = data[:start].count(b"\n") + 1
+        raise SFTMixError(f"{path}: line {line}: not UTF-8 text ({e.reason} at byte {start})") from e
+
+
+def iter_jsonl(path: str | os.PathLike, text: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line_number, record)`` for every non-blank line of a JSON-lines file (lines count from 1).
+
+    Args:
+        path: The file; also the name used in error messages.
+        text: Its content, when the caller has read it already (default: `read_utf8` of ``path``).
+
+    Raises:
+        SFTMixError: naming the file and line, for a line that is not JSON or not a JSON object.
+    """
+    if text is None:
+        text = read_utf8(path)
+    # Universal newlines, as a file opened in text mode: `str.splitlines` would also cut a record inside a
+    # JSON string at U+2028 or U+0085, which `json.dumps(..., ensure_ascii=False)` writes unescaped.
+    for lineno, line in enumerate(io.StringIO(text, newline=None), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SFTMixError(f"{path}: line {lineno}: malformed JSON ({e.msg})") from e
+        if not isinstance(record, dict):
+            raise SFTMixError(f"{path}: line {lineno}: expected a JSON object, got {type(record).__name__}")
+        yield lineno, record
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Every record of a JSON-lines file, in order (see `iter_jsonl`)."""
+    return [record for _, record in iter_jsonl(path)]
 
 
 def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:

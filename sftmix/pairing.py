@@ -28,7 +28,6 @@ batch being balanced, every process's micro-batches are balanced. Every process 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ import torch
 from torch.utils.data import Sampler
 
 from .errors import SFTMixError
+from .io_utils import iter_jsonl
 
 SPLITS = ("confident", "unconfident")
 ROLE_CONFIDENT, ROLE_UNCONFIDENT, ROLE_UNKNOWN = 1, 0, -1
@@ -60,31 +60,22 @@ def read_dynamics_splits(dynamics_path: str | Path) -> dict[str, bool]:
             f"dynamics file not found: {path} (run `sftmix dynamics` first, or set dynamics_path)"
         )
     splits: dict[str, bool] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}: line {lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SFTMixError(f"{where}: malformed JSON ({e.msg})") from e
-            if not isinstance(row, dict):
-                raise SFTMixError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            for key in ("id", "split"):
-                if key not in row:
-                    raise SFTMixError(f"{where}: missing field '{key}'")
-            if row["split"] not in SPLITS:
-                raise SFTMixError(
-                    f"{where}: field 'split' must be 'confident' or 'unconfident', got {row['split']!r}"
-                )
-            for key in ("confidence", "perplexities"):
-                if key in row:
-                    _check_finite(row[key], key, where)
-            example_id = str(row["id"])
-            if example_id in splits:
-                raise SFTMixError(f"{where}: duplicate id {example_id!r}")
-            splits[example_id] = row["split"] == "confident"
+    for lineno, row in iter_jsonl(path):
+        where = f"{path}: line {lineno}"
+        for key in ("id", "split"):
+            if key not in row:
+                raise SFTMixError(f"{where}: missing field '{key}'")
+        if row["split"] not in SPLITS:
+            raise SFTMixError(
+                f"{where}: field 'split' must be 'confident' or 'unconfident', got {row['split']!r}"
+            )
+        for key in ("confidence", "perplexities"):
+            if key in row:
+                _check_finite(row[key], key, where)
+        example_id = str(row["id"])
+        if example_id in splits:
+            raise SFTMixError(f"{where}: duplicate id {example_id!r}")
+        splits[example_id] = row["split"] == "confident"
     if not splits:
         raise SFTMixError(f"{path}: holds no examples")
     return splits
@@ -106,7 +97,12 @@ def load_split(dynamics_path: str | Path, ids: Sequence[str]) -> np.ndarray:
         SFTMixError: the file is missing or malformed, misses ids of the dataset, belongs to another dataset, or
             leaves one half empty.
     """
-    splits = read_dynamics_splits(dynamics_path)
+    return align_split(read_dynamics_splits(dynamics_path), ids, dynamics_path)
+
+
+def align_split(splits: Mapping[str, bool], ids: Sequence[str], dynamics_path: str | Path) -> np.ndarray:
+    """`load_split` from the ``{id: is_confident}`` of `read_dynamics_splits`, so a caller that needs both
+    reads the file once; ``dynamics_path`` (where ``splits`` came from) is named in the errors."""
     missing = [i for i in ids if str(i) not in splits]
     if missing and len(missing) == len(ids):
         raise SFTMixError(

@@ -118,6 +118,7 @@ def train_reference(
     reference_dir: Path,
     epochs: float = 1.0,
     trainer_cls: type | None = None,
+    fingerprint: str | None = None,
 ) -> list[Path]:
     """Train the reference model with plain NTP and return its C checkpoint directories, in step order.
 
@@ -133,6 +134,8 @@ def train_reference(
         epochs: ``num_train_epochs`` of the reference run.
         trainer_cls: Trainer class taking ``trl.SFTTrainer``'s arguments (default `SFTMixTrainer` with
             ``mixup_weight=0``: TRL's NTP training with sftmix's faster fused head).
+        fingerprint: `sftmix.dynamics.dataset_fingerprint` of ``dataset`` if the caller has it (it hashes every
+            token); computed here otherwise.
     """
     from trl import get_peft_config
 
@@ -143,7 +146,8 @@ def train_reference(
     # A marker file records which data the run is on and, once finished, its checkpoint steps: a rerun of a
     # finished run skips training, and a run dir trained on other data is never silently mixed with this one.
     marker = reference_dir / "sftmix_reference.json"
-    fingerprint = dataset_fingerprint(dataset)
+    if fingerprint is None:
+        fingerprint = dataset_fingerprint(dataset)
     settings = _reference_settings(model_args, training_args, epochs, num_checkpoints)
     if marker.is_file():
         done = json.loads(marker.read_text(encoding="utf-8"))

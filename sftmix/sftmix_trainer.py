@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from .errors import SFTMixError
 from .head import fused_linear_cross_entropy, lm_head_parameters, lm_head_transform
 from .io_utils import atomic_write_json, last_complete_checkpoint
 from .mixup import count_mixed_tokens, mix_hidden_states, sample_lambdas
-from .pairing import BalancedPairSampler, MixupRoleCollator, load_split, pair_rows, read_dynamics_splits
+from .pairing import BalancedPairSampler, MixupRoleCollator, align_split, pair_rows, read_dynamics_splits
 from .sftmix_config import DataArguments, SFTMixConfig
 
 logger = logging.getLogger(__name__)
@@ -193,7 +194,8 @@ class SFTMixTrainer(SFTTrainer):
     split, and the loss is ``L_NTP + mixup_weight * L_mixup`` (see the module docstring). The training dataset
     needs an ``id`` column matching the dynamics file (``sftmix.data`` makes one); it may be tokenized already
     (``id``, ``input_ids``, ``labels``: TRL then skips its own tokenization). With ``mixup_weight = 0`` training
-    is exactly ``trl.SFTTrainer``'s.
+    is exactly ``trl.SFTTrainer``'s. ``confident_by_id`` (keyword only) is `sftmix.pairing.read_dynamics_splits` of
+    ``args.dynamics_path`` when the caller has read it already (`train` does); by default the file is read here.
 
     Example (``model``, ``tokenizer`` and a tokenized ``dataset`` with an ``id`` column):
         >>> args = SFTMixConfig(output_dir="out", dynamics_path="dyn/dynamics.jsonl")  # doctest: +SKIP
@@ -202,7 +204,14 @@ class SFTMixTrainer(SFTTrainer):
 
     _tag_names = ["trl", "sft", "sftmix"]
 
-    def __init__(self, model, args: SFTMixConfig | SFTConfig | None = None, *pos_args, **kwargs):
+    def __init__(
+        self,
+        model,
+        args: SFTMixConfig | SFTConfig | None = None,
+        *pos_args,
+        confident_by_id: Mapping[str, bool] | None = None,
+        **kwargs,
+    ):
         if args is None:  # as trl.SFTTrainer; without a dynamics file that is plain NTP
             name = model if isinstance(model, str) else model.config._name_or_path
             args = SFTMixConfig(f"{str(name).split('/')[-1]}-SFTMix", mixup_weight=0.0)
@@ -215,7 +224,9 @@ class SFTMixTrainer(SFTTrainer):
         if self._mixup:
             self._check_mixup_args(args)
             # Read (and validate) the dynamics file before the model and the dataset are prepared
-            self._confident_by_id = read_dynamics_splits(args.dynamics_path)
+            if confident_by_id is None:
+                confident_by_id = read_dynamics_splits(args.dynamics_path)
+            self._confident_by_id = confident_by_id
         super().__init__(model, args, *pos_args, **kwargs)
 
         if self._mixup:
@@ -229,7 +240,7 @@ class SFTMixTrainer(SFTTrainer):
                     "Mixup needs an 'id' column in the training dataset to find each example's split"
                 )
             # every training id must be in the split, and both halves non-empty
-            load_split(args.dynamics_path, ids)
+            align_split(self._confident_by_id, ids, args.dynamics_path)
         self.data_collator = MixupRoleCollator(
             self.data_collator, self._confident_by_id if self._mixup else None
         )
@@ -289,7 +300,7 @@ class SFTMixTrainer(SFTTrainer):
         if not self._mixup:
             return super()._get_train_sampler(train_dataset)
         dataset = self.train_dataset if train_dataset is None else train_dataset
-        confident = np.array([self._confident_by_id[str(i)] for i in dataset["id"]], dtype=bool)
+        confident = align_split(self._confident_by_id, dataset["id"], self.args.dynamics_path)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return BalancedPairSampler(
             confident, self._train_batch_size, seed=seed, num_replicas=self.args.world_size
@@ -447,9 +458,12 @@ def train(model_args: ModelConfig, data_args: DataArguments, training_args: SFTM
     dataset = prepare_sft_dataset(
         data_args, tokenizer, training_args.max_length, training_args.truncation_mode
     )
+    confident_by_id = None
     if training_args.mixup_weight > 0:  # the dynamics file and the batch shape, before anything is written
         SFTMixTrainer._check_mixup_args(training_args)
-        load_split(training_args.dynamics_path, dataset["id"])
+        # Read once: the trainer gets the parsed file
+        confident_by_id = read_dynamics_splits(training_args.dynamics_path)
+        align_split(confident_by_id, dataset["id"], training_args.dynamics_path)
     model_kwargs = {"trust_remote_code": getattr(model_args, "trust_remote_code", False)}
     if model_args.attn_implementation is not None:
         model_kwargs["attn_implementation"] = model_args.attn_implementation
@@ -460,6 +474,7 @@ def train(model_args: ModelConfig, data_args: DataArguments, training_args: SFTM
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
+        confident_by_id=confident_by_id,
     )
     last = last_complete_checkpoint(output_dir)
     if last is not None:

@@ -51,6 +51,15 @@ def test_alpaca_input_is_appended_to_instruction():
     assert ds[1]["messages"][1] == {"role": "assistant", "content": "Bonjour"}
 
 
+def test_unicode_line_separator_inside_a_jsonl_string(tmp_path):
+    # ensure_ascii=False writes U+2028 raw: it is a character of the text, not the end of a JSON line
+    record = {"instruction": "Split\u2028here", "input": "", "output": "ok\x85done"}
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    messages = load(path)[0]["messages"]
+    assert [m["content"] for m in messages] == ["Split\u2028here", "ok\x85done"]
+
+
 def test_sharegpt_roles_and_multi_turn():
     ds = load(DATA / "sharegpt.jsonl")
     assert [m["role"] for m in ds[1]["messages"]] == ["system", "user", "assistant", "user", "assistant"]

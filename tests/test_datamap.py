@@ -71,3 +71,6 @@ def test_bad_dynamics_files(tmp_path):
     bad.write_text('{"confidence": \n')
     with pytest.raises(SFTMixError, match="line 1: malformed JSON"):
         draw_datamap(bad, tmp_path / "map.png")
+    bad.write_text('{"confidence": -1.0, "split": "confident", "perplexities": [1.0]}\n[-2.0]\n')
+    with pytest.raises(SFTMixError, match="line 2: expected a JSON object, got list"):
+        draw_datamap(bad, tmp_path / "map.png")

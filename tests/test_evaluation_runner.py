@@ -90,7 +90,7 @@ def test_bad_arguments_fail_before_loading_a_model(tmp_path, kwargs, message):
 def test_malformed_data_line_is_reported(tiny_llama_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "choices": ["a", "b"], "answer": 0}\n{"question": "q"\n')
-    with pytest.raises(SFTMixError, match=r"bad\.jsonl:2: invalid JSON"):
+    with pytest.raises(SFTMixError, match=r"bad\.jsonl: line 2: malformed JSON"):
         run_eval(_args(tmp_path, model_name_or_path=tiny_llama_dir, data_path=str(bad)))
     with pytest.raises(SFTMixError, match="eval file not found"):
         run_eval(EvalArguments(compare=str(tmp_path / "missing.json"), output_dir=str(tmp_path)))

@@ -154,7 +154,7 @@ def test_limit_is_per_subject_when_items_have_several():
 def test_bad_inputs_name_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "choices": ["a", "b"], "answer": 0}\n{"question": "q", oops}\n')
-    with pytest.raises(SFTMixError, match=r"bad\.jsonl:2: invalid JSON"):
+    with pytest.raises(SFTMixError, match=r"bad\.jsonl: line 2: malformed JSON"):
         read_mc_file(bad)
     bad.write_text('{"question": "q", "choices": ["a", "b"], "answer": 5}\n')
     with pytest.raises(SFTMixError, match=r"bad\.jsonl:1: answer 5 is out of range"):

@@ -270,11 +270,12 @@ def test_lambdas_are_reproducible_per_step_and_micro_step(
     assert not torch.equal(a, trainer._draw_lambdas(4, 1))
 
 
-def test_train_entry_point_resumes_to_the_same_result(tmp_path, tiny_llama_dir):
+def test_train_entry_point_resumes_to_the_same_result(tmp_path, tiny_llama_dir, monkeypatch):
     """train() from files: an interrupted run resumed by re-running ends where an uninterrupted run ends."""
     from safetensors.torch import load_file
     from trl import ModelConfig
 
+    import sftmix.pairing
     from sftmix.sftmix_config import DataArguments
     from sftmix.sftmix_trainer import train
 
@@ -305,7 +306,13 @@ def test_train_entry_point_resumes_to_the_same_result(tmp_path, tiny_llama_dir):
             ModelConfig(model_name_or_path=tiny_llama_dir), DataArguments(dataset_name=str(data)), args
         )
 
+    reads = []
+    real_iter_jsonl = sftmix.pairing.iter_jsonl
+    monkeypatch.setattr(
+        sftmix.pairing, "iter_jsonl", lambda path, *a: reads.append(path) or real_iter_jsonl(path, *a)
+    )
     straight = run(tmp_path / "straight", 4)
+    assert reads == [dynamics]  # parsed once: train() hands it to the trainer and its sampler
     # interrupted after step 2 (its checkpoint-2 stays), then the same command again
     crashed = tmp_path / "crashed"
     import shutil

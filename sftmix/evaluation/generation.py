@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from trl.trainer.utils import pad
 
 from ..errors import SFTMixError
 from ..io_utils import atomic_write_jsonl, atomic_write_text
@@ -82,12 +83,9 @@ def generate_chat(
     answers: list[str] = [""] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
         batch = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, i in enumerate(batch):
-            input_ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            attention_mask[r, width - len(prompts[i]) :] = 1
+        input_ids = pad([torch.tensor(prompts[i], dtype=torch.long) for i in batch], pad_id, "left")
+        attention_mask = pad([torch.ones(len(prompts[i]), dtype=torch.long) for i in batch], 0, "left")
+        width = input_ids.shape[1]
         output = model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
         )

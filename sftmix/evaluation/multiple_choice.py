@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from trl.trainer.utils import pad
 
 from .tasks import LETTERS, PUBMEDQA_LABELS, MCItem, build_context, choice_text, first_items, sample_fewshot
 
@@ -94,12 +95,9 @@ def loglikelihood(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         batch = order[start : start + batch_size]
-        width = len(batch[0])
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, row in enumerate(batch):  # left padding: every row ends at the last position
-            input_ids[r, width - len(row) :] = torch.tensor(row)
-            attention_mask[r, width - len(row) :] = 1
+        # left padding: every row ends at the last position
+        input_ids = pad([torch.tensor(row, dtype=torch.long) for row in batch], pad_id, "left")
+        attention_mask = pad([torch.ones(len(row), dtype=torch.long) for row in batch], 0, "left")
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         keep = max(len(cont) for row in batch for _, cont in rows[row])
         logits = model(

@@ -14,11 +14,11 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data import load_sft_dataset, tokenize_sft_dataset
+from ..dynamics import LMHead, length_grouped_batches, response_nll_sums
 from ..sftmix_config import DataArguments
 
 
@@ -31,6 +31,9 @@ def response_nll(
 ) -> list[tuple[float, int]]:
     """Summed NLL of the response tokens of each example, and how many there are.
 
+    The scoring of stage 1 (`sftmix.dynamics.response_nll_sums`): the LM head runs on response positions
+    only, through the fused head, so no ``[batch, positions, vocab]`` logits are built.
+
     Args:
         model: A causal LM.
         examples: Dicts with ``input_ids`` and ``labels`` (``-100`` outside responses, unshifted: the logits at
@@ -42,31 +45,21 @@ def response_nll(
         ``(nll_sum, n_tokens)`` per example, in input order.
     """
     device = next(model.parameters()).device
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]), reverse=True)
+    head = LMHead.of(model)
+    batches = length_grouped_batches([len(ex["input_ids"]) for ex in examples], batch_size)
     results: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
-    for start in tqdm(range(0, len(order), batch_size), desc="Perplexity", unit="batch"):
-        batch = [examples[i] for i in order[start : start + batch_size]]
-        width = max(len(ex["input_ids"]) for ex in batch)
-        input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, ex in enumerate(batch):
-            input_ids[r, : len(ex["input_ids"])] = torch.tensor(ex["input_ids"])
-            labels[r, : len(ex["labels"])] = torch.tensor(ex["labels"])
-            attention_mask[r, : len(ex["input_ids"])] = 1
-        targets = labels[:, 1:]
-        # Run the LM head only on positions that predict a response token in some row of the batch.
-        keep = targets.ne(-100).any(0).nonzero().squeeze(-1)
-        logits = model(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            logits_to_keep=keep.to(device),
-        ).logits
-        for r in range(len(batch)):
-            nll = F.cross_entropy(
-                logits[r].float(), targets[r, keep].to(logits.device), ignore_index=-100, reduction="sum"
-            )
-            results[order[start + r]] = (float(nll), int(targets[r, keep].ne(-100).sum()))
+    for batch in tqdm(batches, desc="Perplexity", unit="batch"):
+        sums, counts = response_nll_sums(
+            model,
+            [examples[i]["input_ids"] for i in batch],
+            [examples[i]["labels"] for i in batch],
+            head,
+            chunk_size=1024,
+            device=device,
+            pad_token_id=pad_token_id,
+        )
+        for i, nll, n in zip(batch, sums.tolist(), counts.tolist(), strict=True):
+            results[i] = (nll, n)
     return results
 
 

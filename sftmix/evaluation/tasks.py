@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SFTMixError
+from ..io_utils import iter_jsonl, read_utf8
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 MC_TASKS = ("medqa", "medmcqa", "pubmedqa", "mmlu_medical", "mc")
@@ -66,18 +67,16 @@ class MCItem:
 
 def read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return read_utf8(path)
     except FileNotFoundError as e:
         raise SFTMixError(f"data file not found: {path}") from e
-    except UnicodeDecodeError as e:
-        raise SFTMixError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
 def load_json(path: Path) -> Any:
     try:
         return json.loads(read_text(path))
     except json.JSONDecodeError as e:
-        raise SFTMixError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
+        raise SFTMixError(f"{path}: line {e.lineno}: malformed JSON ({e.msg})") from e
 
 
 def iter_json_records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -87,13 +86,8 @@ def iter_json_records(path: Path) -> Iterator[tuple[str, Any]]:
         for index, record in enumerate(data if isinstance(data, list) else [data]):
             yield f"{path}[{index}]", record
         return
-    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{lineno}", json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SFTMixError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+    for lineno, record in iter_jsonl(path, read_text(path)):
+        yield f"{path}:{lineno}", record  # also the id of an item without one: keep this form
 
 
 def _text(record: dict[str, Any], key: str, location: str) -> str:
