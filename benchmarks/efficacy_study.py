@@ -157,7 +157,7 @@ def run_study(args: argparse.Namespace) -> None:
         split = dynamics(root / "dynamics", [])
     if "weak" in args.arms:
         if not args.weak_reference:
-            sys.exit("the weak arm needs --weak_reference (see make_weak_reference.py)")
+            sys.exit("the weak arm needs --weak_reference (a smaller model with the same tokenizer)")
         weak_split = dynamics(root / "dynamics-weak", ["--reference_model_name_or_path", args.weak_reference])
     limits = {**DEFAULT_LIMITS, **dict(_task_limit(x) for x in args.limit)}
     for seed in args.seeds:
