@@ -38,7 +38,7 @@ STUDIES = {
     "alpaca": {
         "source": str(SHARED / "alpaca_52k_en_zh_parts"),
         "columns": "instruction=en_instruction,input=en_input,output=en_output",
-        "evals": [("perplexity", "heldout", []), ("ifeval", str(SHARED / "ifeval" / "ifeval.jsonl"), [])],
+        "evals": [("perplexity", "heldout", []), ("ifeval", str(SHARED / "ifeval" / "ifeval.jsonl"), ["--batch_size", "40"])],
     },
     "medical": {
         "source": str(SHARED / "medalpaca_wikidoc_patient_info" / "medical_meadow_small.json"),
