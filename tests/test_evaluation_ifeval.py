@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,22 @@ def test_bad_records(tmp_path):
     bad.write_text('{"key": 1, "prompt": "p", "instruction_id_list": ["made:up"], "kwargs": [{}]}\n')
     with pytest.raises(SFTMixError, match="unknown instruction id"):
         score_ifeval(load_ifeval(bad), ["x"])
+
+
+def test_scores_do_not_depend_on_the_global_random_state():
+    # IFEval's own letter-frequency prompt with letter "!": the checker falls back to a random letter.
+    record = {
+        "key": 1129,
+        "prompt": 'Write a pitch. Contain 6 or more exclamation marks "!" in your response.',
+        "instruction_id_list": ["keywords:letter_frequency"],
+        "kwargs": [{"let_relation": "at least", "letter": "!", "let_frequency": 6}],
+    }
+    response = "aaaaaa bbbbbb cccccc dddddd eeeeee"  # 5 letters 6 times each, 47 others never
+    verdicts = set()
+    for seed in range(30):
+        random.seed(seed)
+        state = random.getstate()
+        metrics, _ = score_ifeval([record], [response])
+        assert random.getstate() == state  # the caller's random state is left alone
+        verdicts.add(metrics["inst_level_strict_acc"])
+    assert len(verdicts) == 1

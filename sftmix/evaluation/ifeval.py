@@ -13,6 +13,7 @@ that says what to install.
 
 from __future__ import annotations
 
+import random
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -103,15 +104,25 @@ def score_ifeval(
         instruction-level the mean over all instructions of all prompts) and ``n``; and one dict per prompt.
     """
     utils = ifeval_checkers()
+    from langdetect import DetectorFactory
     from lm_eval.tasks.ifeval.instructions_registry import INSTRUCTION_DICT
 
+    # Some checkers draw from the global `random` when a prompt's arguments do not fit them (IFEval's
+    # letter-frequency prompts with letter "!" check a random letter), and langdetect is random unless seeded:
+    # seed both per prompt so a response scores the same in every run and for every model compared.
+    DetectorFactory.seed = 0
+    state = random.getstate()
     rows = []
-    for record, response in zip(records, responses, strict=True):
-        unknown = [i for i in record["instruction_id_list"] if i not in INSTRUCTION_DICT]
-        if unknown:
-            raise SFTMixError(f"IFEval prompt {record['key']}: unknown instruction id(s) {unknown}")
-        result = utils.process_results(record, [response])
-        rows.append({"key": record["key"], "prompt": record["prompt"], "response": response, **result})
+    try:
+        for record, response in zip(records, responses, strict=True):
+            unknown = [i for i in record["instruction_id_list"] if i not in INSTRUCTION_DICT]
+            if unknown:
+                raise SFTMixError(f"IFEval prompt {record['key']}: unknown instruction id(s) {unknown}")
+            random.seed(f"ifeval:{record['key']}")
+            result = utils.process_results(record, [response])
+            rows.append({"key": record["key"], "prompt": record["prompt"], "response": response, **result})
+    finally:
+        random.setstate(state)
     n = len(rows)
 
     def _inst(name: str) -> float:
