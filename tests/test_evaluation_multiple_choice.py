@@ -96,6 +96,36 @@ def test_letter_formulation_scores_letters_and_cloze_scores_texts():
     assert seen[0][0][0].endswith("A. first\nB. second\nAnswer:")
 
 
+def test_a_model_that_always_answers_a_is_flagged(caplog):
+    items = [MCItem(str(i), f"Q{i}?", ["w", "x", "y", "z"], i % 4) for i in range(40)]
+
+    def score(requests):
+        return [(-1.0 if continuation == " A" else -3.0, False) for _, continuation in requests]
+
+    with caplog.at_level("WARNING"):
+        metrics, _ = evaluate_multiple_choice("medmcqa", items, score, "letter")
+    assert metrics["acc"] == 0.25 and metrics["top_prediction_share"] == 1.0
+    assert "answers A to 40 of 40 items" in caplog.text
+    caplog.clear()
+    metrics, _ = evaluate_multiple_choice("medmcqa", items, _planted_scorer_by_answer(items), "letter")
+    assert metrics["acc"] == 1.0 and metrics["top_prediction_share"] == 0.25
+    assert "answers" not in caplog.text
+
+
+def _planted_scorer_by_answer(items):
+    """Scores the right letter highest for every item (the question text identifies the item)."""
+    right = {f"Q{item.id}?": "ABCD"[item.answer] for item in items}
+
+    def score(requests):
+        out = []
+        for context, continuation in requests:
+            question = next(q for q in right if q in context)
+            out.append((-1.0 if continuation == " " + right[question] else -3.0, False))
+        return out
+
+    return score
+
+
 def test_acc_norm_divides_by_characters():
     """Short option: higher total log-likelihood; long option: higher per character. acc and acc_norm differ."""
     scores = {" a": -2.0, " bbbbbbbbbb": -5.0}

@@ -14,7 +14,9 @@ the last ``max(len(continuation))`` positions (``logits_to_keep``), never on the
 
 from __future__ import annotations
 
+import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,6 +26,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl.trainer.utils import pad
 
 from .tasks import LETTERS, PUBMEDQA_LABELS, MCItem, build_context, choice_text, first_items, sample_fewshot
+
+logger = logging.getLogger(__name__)
+
+# Share of the items given the same prediction above which the accuracy mostly measures the answer prior.
+DEGENERATE_SHARE = 0.9
 
 LoglikelihoodFn = Callable[[Sequence[tuple[str, str]]], list[tuple[float, bool]]]
 """Scores ``(context, continuation)`` pairs: ``(sum of continuation log-probs, is greedy)`` for each."""
@@ -160,7 +167,9 @@ def evaluate_multiple_choice(
 
     Returns:
         Metrics ``acc``, ``acc_norm`` and ``n`` (plus ``macro_f1`` for PubMedQA and ``acc.<subject>`` for
-        MMLU), and one dict per item with the log-likelihoods and predictions.
+        MMLU), ``top_prediction_share`` (the share of items given the most frequent prediction: near 1, the
+        model answers the same option to everything and ``acc`` is that option's share of the answers; a
+        warning says so), and one dict per item with the log-likelihoods and predictions.
     """
     if formulation not in ("cloze", "letter"):
         raise ValueError(f"formulation must be 'cloze' or 'letter', got {formulation!r}")
@@ -206,6 +215,20 @@ def evaluate_multiple_choice(
         "acc_norm": sum(correct_norm) / n_items if n_items else math.nan,
         "n": n_items,
     }
+    if n_items:
+        top, count = Counter(p["prediction"] for p in predictions).most_common(1)[0]
+        metrics["top_prediction_share"] = count / n_items
+        if count / n_items > DEGENERATE_SHARE and n_items >= 20:
+            logger.warning(
+                "%s: the model answers %s to %d of %d items: acc %.3f mostly measures how often %s is right "
+                "(try the other --formulation)",
+                task,
+                top,
+                count,
+                n_items,
+                metrics["acc"],
+                top,
+            )
     if task == "pubmedqa" and n_items:
         preds = [LETTERS.index(p["prediction"]) for p in predictions]
         metrics["macro_f1"] = macro_f1(preds, [item.answer for item in scored], len(PUBMEDQA_LABELS))
