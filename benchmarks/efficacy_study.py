@@ -209,18 +209,30 @@ def report(root: Path) -> None:
                         "tokens",
                     ):  # counts, not results
                         table.setdefault(f"{task}/{metric}", {}).setdefault(arm, {})[int(seed)] = value
+    arms = sorted(
+        {arm for by_arm in table.values() for arm in by_arm}, key=lambda a: (list(ARMS).index(a), a)
+    )
     lines = [
-        f"Efficacy study `{root.name}` ({time.strftime('%Y-%m-%d')}): mean ± std over seeds [per-seed]",
+        f"Efficacy study `{root.name}` ({time.strftime('%Y-%m-%d')}): mean ± std over seeds (per seed)",
         "",
-        "| metric | arm | mean | std | per seed |",
-        "| --- | --- | --- | --- | --- |",
+        "| metric | " + " | ".join(arms) + " |",
+        "| --- |" + " --- |" * len(arms),
     ]
     for metric in sorted(table):
-        for arm, by_seed in sorted(table[metric].items()):
+        if "/acc." in metric or metric.endswith(("/top_prediction_share", "/nll_per_token")):
+            continue  # per-subject accuracies and diagnostics stay in results.json
+        cells = []
+        for arm in arms:
+            by_seed = table[metric].get(arm, {})
             values = [by_seed[s] for s in sorted(by_seed)]
-            std = statistics.stdev(values) if len(values) > 1 else float("nan")
-            seeds = ", ".join(f"s{s}: {by_seed[s]:.4f}" for s in sorted(by_seed))
-            lines.append(f"| {metric} | {arm} | {statistics.mean(values):.4f} | {std:.4f} | {seeds} |")
+            if not values:
+                cells.append("")
+            elif len(values) == 1:
+                cells.append(f"{values[0]:.4f} (s{next(iter(by_seed))})")
+            else:
+                seeds = ", ".join(f"s{s}: {by_seed[s]:.4f}" for s in sorted(by_seed))
+                cells.append(f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} ({seeds})")
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     lines += ["", *paired_comparison(root)]
     text = "\n".join(lines) + "\n"
     (root / "results.md").write_text(text)
