@@ -1,7 +1,7 @@
 """IFEval (Zhou et al., 2023): greedy chat answers scored by the official rule-based instruction checkers.
 
 The checkers are Google's ``instruction_following_eval`` code as lm-evaluation-harness ships and maintains it
-(``lm_eval.tasks.ifeval``: ``instructions_registry`` and ``utils.process_results``), used as is, so the four
+(``lm_eval.tasks.ifeval``: ``instructions_registry`` and ``utils``' strict and loose tests), used as is, so the four
 metrics are the ones lm-eval and the IFEval paper report: prompt-level and instruction-level accuracy, strict
 and loose (loose also accepts the response without its first/last line or without ``*`` markup).
 
@@ -107,9 +107,12 @@ def score_ifeval(
     from langdetect import DetectorFactory
     from lm_eval.tasks.ifeval.instructions_registry import INSTRUCTION_DICT
 
-    # Some checkers draw from the global `random` when a prompt's arguments do not fit them (IFEval's
-    # letter-frequency prompts with letter "!" check a random letter), and langdetect is random unless seeded:
-    # seed both per prompt so a response scores the same in every run and for every model compared.
+    # Some checkers draw their arguments from the global `random` when a prompt's do not fit them (IFEval's
+    # letter-frequency prompts 1122 and 1129, letters "#" and "!", check a random letter). lm-eval's
+    # process_results draws once for the strict pass and again for the loose one, so loose could check another
+    # letter than strict. Both passes here draw from the same seed, taken from the prompt text: a response
+    # scores the same in every run and for every model compared, and loose >= strict holds. langdetect (the
+    # language checker) is random unless its factory is seeded.
     DetectorFactory.seed = 0
     state = random.getstate()
     rows = []
@@ -118,9 +121,29 @@ def score_ifeval(
             unknown = [i for i in record["instruction_id_list"] if i not in INSTRUCTION_DICT]
             if unknown:
                 raise SFTMixError(f"IFEval prompt {record['key']}: unknown instruction id(s) {unknown}")
-            random.seed(f"ifeval:{record['key']}")
-            result = utils.process_results(record, [response])
-            rows.append({"key": record["key"], "prompt": record["prompt"], "response": response, **result})
+            example = utils.InputExample(
+                key=record["key"],
+                instruction_id_list=record["instruction_id_list"],
+                prompt=record["prompt"],
+                kwargs=record["kwargs"],
+            )
+            seed = f"ifeval:{record['prompt']}"
+            random.seed(seed)
+            strict = utils.test_instruction_following_strict(example, response)
+            random.seed(seed)
+            loose = utils.test_instruction_following_loose(example, response)
+            rows.append(
+                {
+                    "key": record["key"],
+                    "prompt": record["prompt"],
+                    "response": response,
+                    # lm-eval's process_results fields
+                    "prompt_level_strict_acc": strict.follow_all_instructions,
+                    "inst_level_strict_acc": strict.follow_instruction_list,
+                    "prompt_level_loose_acc": loose.follow_all_instructions,
+                    "inst_level_loose_acc": loose.follow_instruction_list,
+                }
+            )
     finally:
         random.setstate(state)
     n = len(rows)
