@@ -62,9 +62,11 @@ DEFAULT_LIMITS = {"ifeval": 100, "medmcqa": 500, "pubmedqa": 200, "mmlu_medical"
 
 
 def _task_limit(text: str) -> tuple[str, int]:
+    """``"medmcqa=100"`` -> ``("medmcqa", 100)`` (an argparse type)."""
     task, _, n = text.partition("=")
-    if not n.isdigit():
-        raise argparse.ArgumentTypeError(f"--limit takes task=N, got {text!r}")
+    tasks = {task for study in STUDIES.values() for task, _, _ in study["evals"]}
+    if task not in tasks or not n.isdigit():
+        raise argparse.ArgumentTypeError(f"expected TASK=N with TASK in {sorted(tasks)}, got {text!r}")
     return task, int(n)
 
 
@@ -158,10 +160,8 @@ def run_study(args: argparse.Namespace) -> None:
     if {"sftmix", "equal", "random"} & set(args.arms):
         split = dynamics(root / "dynamics", [])
     if "weak" in args.arms:
-        if not args.weak_reference:
-            sys.exit("the weak arm needs --weak_reference (a smaller model with the same tokenizer)")
         weak_split = dynamics(root / "dynamics-weak", ["--reference_model_name_or_path", args.weak_reference])
-    limits = {**DEFAULT_LIMITS, **dict(_task_limit(x) for x in args.limit)}
+    limits = {**DEFAULT_LIMITS, **dict(args.limit)}
     for seed in args.seeds:
         for arm in args.arms:
             run = root / f"{arm}-s{0 if arm == 'base' else seed}"
@@ -180,9 +180,9 @@ def run_study(args: argparse.Namespace) -> None:
                 cmd = ["sftmix", "train", *common, *extra, "--num_train_epochs", str(args.epochs)]
                 sh([*cmd, "--seed", str(seed), "--output_dir", str(run)], log)
             for task, data, options in study["evals"]:
-                out = run / "eval" / task
-                if (args.evals and task not in args.evals) or (out / "eval.json").exists():
+                if args.evals and task not in args.evals:
                     continue
+                out = run / "eval" / task
                 data = str(heldout) if data == "heldout" else data
                 cmd = ["sftmix", "eval", "--model_name_or_path", model, "--task", task, "--data_path", data]
                 cmd += [*options, "--output_dir", str(out)]
@@ -190,7 +190,14 @@ def run_study(args: argparse.Namespace) -> None:
                     cmd += ["--limit", str(limits[task])]
                 if task == "ifeval":
                     cmd += ["--max_new_tokens", str(args.max_new_tokens)]
+                # An evaluation is reused only if it ran with these options (other limits or options: re-run).
+                marker = out / "study_command.json"
+                if (out / "eval.json").exists() and (
+                    not marker.exists() or json.loads(marker.read_text()) == cmd
+                ):
+                    continue
                 sh(cmd, log)
+                marker.write_text(json.dumps(cmd))
     report(root)
 
 
@@ -240,16 +247,22 @@ def report(root: Path) -> None:
     print(text)
 
 
-# Per-item statistics of the paired comparison: task -> {metric: statistic of the per-item fields}. Each
-# statistic reduces the last axis, so one call evaluates every bootstrap resample at once.
+# Per-item statistics of the paired comparison: task -> {metric: (per-item fields, statistic)}. Each statistic
+# reduces the last axis, so one call evaluates a whole block of bootstrap resamples.
 PAIRED_METRICS = {
     "perplexity": {
-        "perplexity": lambda f: np.exp(f["nll"].sum(-1) / f["tokens"].sum(-1)),
-        "mean_example_perplexity": lambda f: f["perplexity"].mean(-1),
+        "perplexity": (("nll", "tokens"), lambda f: np.exp(f["nll"].sum(-1) / f["tokens"].sum(-1))),
+        "mean_example_perplexity": (("perplexity",), lambda f: f["perplexity"].mean(-1)),
     },
-    "ifeval": {"prompt_level_strict_acc": lambda f: f["prompt_level_strict_acc"].mean(-1)},
+    "ifeval": {
+        name: ((name,), lambda f, name=name: f[name].mean(-1))
+        for name in ("prompt_level_strict_acc", "prompt_level_loose_acc")
+    },
     **{
-        task: {"acc": lambda f: f["correct"].mean(-1), "acc_norm": lambda f: f["correct_norm"].mean(-1)}
+        task: {
+            "acc": (("correct",), lambda f: f["correct"].mean(-1)),
+            "acc_norm": (("correct_norm",), lambda f: f["correct_norm"].mean(-1)),
+        }
         for task in ("medmcqa", "pubmedqa", "mmlu_medical", "medqa")
     },
 }
@@ -269,11 +282,12 @@ def _item_fields(run: Path, task: str) -> dict[str, dict[str, float]] | None:
 
 
 def paired_comparison(root: Path, baseline: str = "ntp", resamples: int = 10_000) -> list[str]:
-    """Each arm against ``baseline`` on the same held-out items: difference and a paired bootstrap 95% CI.
+    """Each trained arm minus ``baseline`` on the same items and seeds, with a paired bootstrap 95% interval.
 
-    Per item, the scores are averaged over the seeds both arms finished (the same seeds), then the items are
-    resampled with replacement (the same resample for both arms): the interval shows how much of a difference
-    the size of the evaluation set can resolve. The per-seed differences show the training-seed noise.
+    The difference is the statistic of the seed-averaged per-item scores (perplexity: of the seed-averaged
+    NLL). Each resample draws the training seeds and then the items with replacement, the same draw for both
+    arms, so the interval holds both the training-seed noise and the size of the evaluation set; with one
+    seed it holds only the latter. The per-seed differences are listed beside it.
     """
     runs: dict[str, dict[int, Path]] = {}
     for run in root.glob("*-s*"):
@@ -281,53 +295,63 @@ def paired_comparison(root: Path, baseline: str = "ntp", resamples: int = 10_000
             arm, seed = run.name.rsplit("-s", 1)
             runs.setdefault(arm, {})[int(seed)] = run
     lines = [
-        f"Paired against `{baseline}` (seed-averaged per item; 95% bootstrap CI over items, {resamples} resamples):",
+        f"Each arm minus `{baseline}` (perplexity: lower is better; accuracy: higher is better), on the items and "
+        f"seeds both have; 95% paired bootstrap interval over seeds and items ({resamples} resamples):",
         "",
-        "| metric | arm | difference | 95% CI | per-seed differences |",
-        "| --- | --- | --- | --- | --- |",
+        f"| metric | arm − {baseline} | seeds | items | difference | 95% interval | per-seed differences |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    rng = np.random.default_rng(0)
+    arms = sorted(set(runs) - {baseline, "base"}, key=lambda a: (list(ARMS).index(a), a))
     for task, metrics in PAIRED_METRICS.items():
-        for arm in sorted(set(runs) - {baseline, "base"}):
-            seeds = sorted(set(runs[arm]) & set(runs.get(baseline, {})))
-            per_seed = {
-                s: (_item_fields(runs[arm][s], task), _item_fields(runs[baseline][s], task)) for s in seeds
-            }
-            per_seed = {s: pair for s, pair in per_seed.items() if None not in pair}
-            if not per_seed:
+        for arm in arms:
+            seeds, arm_items, base_items = [], [], []
+            for seed in sorted(set(runs[arm]) & set(runs.get(baseline, {}))):
+                pair = _item_fields(runs[arm][seed], task), _item_fields(runs[baseline][seed], task)
+                if None not in pair:
+                    seeds.append(seed)
+                    arm_items.append(pair[0])
+                    base_items.append(pair[1])
+            if not seeds:
                 continue
-            keys = sorted(set.intersection(*(set(a) & set(b) for a, b in per_seed.values())))
-
-            arm_f = _seed_mean([_fields_of(a, keys) for a, _ in per_seed.values()])
-            base_f = _seed_mean([_fields_of(b, keys) for _, b in per_seed.values()])
-            idx = rng.integers(0, len(keys), (resamples, len(keys)))
-            for metric, stat in metrics.items():
-                if metric == "acc_norm" and "correct_norm" not in arm_f:
+            keys = sorted(set.intersection(*(set(items) for items in arm_items + base_items)))
+            if not keys:
+                lines.append(f"| {task} | {arm} | {seeds} | 0 | no common items | | |")
+                continue
+            for metric, (fields, stat) in metrics.items():
+                if any(f not in items[keys[0]] for items in arm_items + base_items for f in fields):
                     continue
-                diff = float(stat(arm_f) - stat(base_f))
-                boot = stat({n: v[idx] for n, v in arm_f.items()}) - stat(
-                    {n: v[idx] for n, v in base_f.items()}
+                # [seeds, items] per field
+                a = {f: np.array([[items[k][f] for k in keys] for items in arm_items]) for f in fields}
+                b = {f: np.array([[items[k][f] for k in keys] for items in base_items]) for f in fields}
+                diff = float(
+                    stat({f: v.mean(0) for f, v in a.items()}) - stat({f: v.mean(0) for f, v in b.items()})
                 )
-                low, high = np.percentile(boot, [2.5, 97.5])
-                seed_diffs = ", ".join(
-                    f"s{s}: {float(stat(_fields_of(a, keys)) - stat(_fields_of(b, keys))):+.4f}"
-                    for s, (a, b) in per_seed.items()
+                rng = np.random.default_rng(0)  # per metric and arm: the same draws whichever arms exist
+                boot = []
+                for start in range(0, resamples, 1000):
+                    size = min(1000, resamples - start)
+                    seed_idx = rng.integers(0, len(seeds), (size, len(seeds)))
+                    item_idx = rng.integers(0, len(keys), (size, len(keys)))
+
+                    boot.append(
+                        stat({f: _draw(v, seed_idx, item_idx) for f, v in a.items()})
+                        - stat({f: _draw(v, seed_idx, item_idx) for f, v in b.items()})
+                    )
+                low, high = np.percentile(np.concatenate(boot), [2.5, 97.5])
+                per_seed = ", ".join(
+                    f"s{seed}: {float(stat({f: v[i] for f, v in a.items()}) - stat({f: v[i] for f, v in b.items()})):+.4f}"
+                    for i, seed in enumerate(seeds)
                 )
                 lines.append(
-                    f"| {task}/{metric} ({len(keys)} items) | {arm} | {diff:+.4f} | [{low:+.4f}, {high:+.4f}] "
-                    f"| {seed_diffs} |"
+                    f"| {task}/{metric} | {arm} | {','.join(map(str, seeds))} | {len(keys)} | {diff:+.4f} "
+                    f"| [{low:+.4f}, {high:+.4f}] | {per_seed} |"
                 )
     return lines
 
 
-def _fields_of(items: dict[str, dict[str, float]], keys: list[str]) -> dict[str, np.ndarray]:
-    """Per-item fields as arrays over ``keys``."""
-    return {n: np.array([items[k][n] for k in keys]) for n in items[keys[0]]}
-
-
-def _seed_mean(per_seed: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Each per-item field averaged over seeds."""
-    return {n: np.mean([f[n] for f in per_seed], axis=0) for n in per_seed[0]}
+def _draw(values: np.ndarray, seed_idx: np.ndarray, item_idx: np.ndarray) -> np.ndarray:
+    """Bootstrap resamples of ``values`` [seeds, items]: average the drawn seeds, then pick the drawn items."""
+    return np.take_along_axis(values[seed_idx].mean(1), item_idx, axis=1)
 
 
 def main() -> None:
@@ -348,7 +372,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--num_checkpoints", type=int, default=3)
     parser.add_argument(
-        "--limit", nargs="+", default=[], metavar="TASK=N", help=f"items per task (default {DEFAULT_LIMITS})"
+        "--limit",
+        nargs="+",
+        type=_task_limit,
+        default=[],
+        metavar="TASK=N",
+        help=f"items per task, 0 for all (default {DEFAULT_LIMITS})",
     )
     parser.add_argument(
         "--weak_reference",
@@ -359,6 +388,8 @@ def main() -> None:
     parser.add_argument("--evals", nargs="+", default=None, help="only these evaluation tasks (default: all)")
     parser.add_argument("--report", action="store_true", help="only print the tables of what has finished")
     args = parser.parse_args()
+    if "weak" in args.arms and not args.weak_reference and not args.report:
+        parser.error("the weak arm needs --weak_reference (a smaller model with the same tokenizer)")
     if args.report:
         report(Path(args.root) / args.study)
     else:
