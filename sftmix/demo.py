@@ -109,6 +109,7 @@ def demo_defaults(output_dir: str = DEMO_OUTPUT_DIR) -> dict[str, Any]:
         "logging_steps": 1,
         "save_strategy": "steps",
         "save_steps": 4,
+        "save_total_limit": 1,  # the last checkpoint is all a resume needs (each one is ~1.6 GB)
         "report_to": ["tensorboard"],
         "seed": 42,
     }

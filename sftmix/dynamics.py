@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -508,5 +509,21 @@ def run_dynamics(
 
         name = Path(summary["reference_model"] or given[-1]).name
         draw_datamap(dynamics_path, output_dir / "datamap.png", title=f"SFTMix data map of {name}")
+        if not given and not dyn_args.keep_reference_optimizer:
+            _drop_optimizer_states(checkpoints)
     state.wait_for_everyone()
     return dynamics_path
+
+
+def _drop_optimizer_states(checkpoints: list[Path]) -> None:
+    """Delete the optimizer states of complete reference checkpoints (2/3 of their size with AdamW).
+
+    Only a resume of the reference run reads them, and the run is complete (its marker says so, so a rerun
+    does not train again); scoring reads the weights, which stay.
+    """
+    for checkpoint in checkpoints:
+        for path in checkpoint.glob("optimizer*"):  # optimizer.pt; FSDP: optimizer_0/, sharded files
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()

@@ -84,6 +84,9 @@ class DynamicsArguments:
         scoring_batch_size: Examples per no-grad scoring batch (batches are grouped by length).
         scoring_dtype: Weights dtype of the scored checkpoints: ``auto`` (bfloat16 when training in bf16,
             else the model's dtype), ``float32`` or ``bfloat16``.
+        keep_reference_optimizer: Keep the reference checkpoints' optimizer states once ``dynamics.jsonl`` is
+            written. They only serve to resume the reference run, which is then complete, and take twice the
+            weights' space (AdamW's two moments); the weights stay, for re-scoring.
     """
 
     num_checkpoints: int = field(
@@ -106,6 +109,12 @@ class DynamicsArguments:
         metadata={
             "help": "Weights dtype for scoring: auto (bfloat16 when training in bf16, else the model's dtype), "
             "float32 or bfloat16."
+        },
+    )
+    keep_reference_optimizer: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the reference checkpoints' optimizer states after scoring (default: delete)."
         },
     )
 

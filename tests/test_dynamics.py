@@ -285,6 +285,10 @@ def test_run_dynamics_outputs(reference_run, data_file, tokenizer):
         "checkpoint-4",
         "checkpoint-6",
     ]
+    # Once scored, the checkpoints keep their weights and lose their optimizer states (not needed any more).
+    for checkpoint in (reference_run / "reference").glob("checkpoint-*"):
+        assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "trainer_state.json").is_file()
+        assert not list(checkpoint.glob("optimizer*"))
     assert sorted(p.name for p in (reference_run / "scores").iterdir()) == [
         "ckpt-2.json",
         "ckpt-4.json",
@@ -313,8 +317,11 @@ def test_run_dynamics_outputs(reference_run, data_file, tokenizer):
 
 
 def test_run_dynamics_is_deterministic(reference_run, tiny_llama_dir, data_file, tmp_path):
-    run_dynamics(*_args(tiny_llama_dir, data_file, tmp_path))
+    model_args, data_args, dyn_args, training_args = _args(tiny_llama_dir, data_file, tmp_path)
+    dyn_args.keep_reference_optimizer = True
+    run_dynamics(model_args, data_args, dyn_args, training_args)
     assert (tmp_path / "dynamics.jsonl").read_bytes() == (reference_run / "dynamics.jsonl").read_bytes()
+    assert (tmp_path / "reference" / "checkpoint-6" / "optimizer.pt").is_file()
 
 
 def test_rerun_reuses_scores_and_rescoring_gives_same_bytes(
@@ -354,11 +361,14 @@ def test_resume_after_crash_in_training(reference_run, tiny_llama_dir, data_file
         run_dynamics(*args, trainer_cls=CrashingTrainer)
     assert [p.name for p in (tmp_path / "reference").glob("checkpoint-*")] == ["checkpoint-2"]
     assert not (tmp_path / "dynamics.jsonl").exists()
-    first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "reference" / "checkpoint-2").iterdir()}
+
+    def saved_files() -> dict[str, int]:  # the optimizer states are dropped once the run is scored
+        folder = tmp_path / "reference" / "checkpoint-2"
+        return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if not p.name.startswith("optimizer")}
+
+    first = saved_files()
     run_dynamics(*args)  # resumes from checkpoint-2 (a restart from scratch would save it again)
-    assert {
-        p.name: p.stat().st_mtime_ns for p in (tmp_path / "reference" / "checkpoint-2").iterdir()
-    } == first
+    assert saved_files() == first
     assert (tmp_path / "dynamics.jsonl").read_bytes() == (reference_run / "dynamics.jsonl").read_bytes()
 
 
