@@ -105,6 +105,7 @@ def test_a_model_that_always_answers_a_is_flagged(caplog):
     with caplog.at_level("WARNING"):
         metrics, _ = evaluate_multiple_choice("medmcqa", items, score, "letter")
     assert metrics["acc"] == 0.25 and metrics["top_prediction_share"] == 1.0
+    assert metrics["top_prediction_share_norm"] == 1.0  # one-letter options: acc_norm predicts the same
     assert "answers A to 40 of 40 items" in caplog.text
     caplog.clear()
     metrics, _ = evaluate_multiple_choice("medmcqa", items, _planted_scorer_by_answer(items), "letter")

@@ -167,9 +167,9 @@ def evaluate_multiple_choice(
 
     Returns:
         Metrics ``acc``, ``acc_norm`` and ``n`` (plus ``macro_f1`` for PubMedQA and ``acc.<subject>`` for
-        MMLU), ``top_prediction_share`` (the share of items given the most frequent prediction: near 1, the
-        model answers the same option to everything and ``acc`` is that option's share of the answers; a
-        warning says so), and one dict per item with the log-likelihoods and predictions.
+        MMLU), ``top_prediction_share`` / ``top_prediction_share_norm`` (the share of items given the most frequent
+        prediction by ``acc`` / ``acc_norm``: near 1, the model answers the same option to everything and the
+        accuracy is that option's share of the answers; a warning says so), and one dict per item with the log-likelihoods and predictions.
     """
     if formulation not in ("cloze", "letter"):
         raise ValueError(f"formulation must be 'cloze' or 'letter', got {formulation!r}")
@@ -215,18 +215,21 @@ def evaluate_multiple_choice(
         "acc_norm": sum(correct_norm) / n_items if n_items else math.nan,
         "n": n_items,
     }
-    if n_items:
-        top, count = Counter(p["prediction"] for p in predictions).most_common(1)[0]
-        metrics["top_prediction_share"] = count / n_items
+    for suffix, field in (("", "prediction"), ("_norm", "prediction_norm")):
+        if not n_items:
+            break
+        top, count = Counter(p[field] for p in predictions).most_common(1)[0]
+        metrics[f"top_prediction_share{suffix}"] = count / n_items
         if count / n_items > DEGENERATE_SHARE and n_items >= 20:
             logger.warning(
-                "%s: the model answers %s to %d of %d items: acc %.3f mostly measures how often %s is right "
+                "%s: the model answers %s to %d of %d items: acc%s %.3f mostly measures how often %s is right "
                 "(try the other --formulation)",
                 task,
                 top,
                 count,
                 n_items,
-                metrics["acc"],
+                suffix,
+                metrics[f"acc{suffix}"],
                 top,
             )
     if task == "pubmedqa" and n_items:
