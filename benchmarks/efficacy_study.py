@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sftmix.io_utils import atomic_write_json, atomic_write_jsonl, read_jsonl
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 # Arm -> mixup_weight. ``base`` is the untrained model (evaluated once, as seed 0); ``weak`` is SFTMix with the
 # split measured by ``--weak_reference`` (a smaller model with the same tokenizer): the weak-to-strong ablation.
@@ -83,7 +85,6 @@ def sh(cmd: list[str], log: Path) -> None:
 def make_splits(study: dict, root: Path, n_train: int, n_heldout: int) -> tuple[Path, Path]:
     """Sample the train and held-out subsets (seed 0) into ``root`` as OpenAI-messages JSON lines."""
     from sftmix.data import load_sft_dataset
-    from sftmix.io_utils import atomic_write_jsonl
     from sftmix.sftmix_config import DataArguments
 
     train, heldout = root / "train.jsonl", root / "heldout.jsonl"
@@ -100,14 +101,10 @@ def make_splits(study: dict, root: Path, n_train: int, n_heldout: int) -> tuple[
 
 def random_split(dynamics: Path, out: Path, seed: int) -> Path:
     """The same dynamics file with the split drawn at random (same sizes): the random-split ablation."""
-    rows = [json.loads(line) for line in dynamics.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(dynamics)
     labels = [r["split"] for r in rows]
     random.Random(seed).shuffle(labels)
-    out.write_text(
-        "".join(
-            json.dumps({**r, "split": s}, sort_keys=True) + "\n" for r, s in zip(rows, labels, strict=True)
-        )
-    )
+    atomic_write_jsonl(out, ({**r, "split": s} for r, s in zip(rows, labels, strict=True)))
     return out
 
 
@@ -197,17 +194,24 @@ def run_study(args: argparse.Namespace) -> None:
                 ):
                     continue
                 sh(cmd, log)
-                marker.write_text(json.dumps(cmd))
+                atomic_write_json(marker, cmd)
     report(root)
+
+
+def _runs(root: Path) -> list[tuple[str, int, Path]]:
+    """``(arm, seed, run dir)`` of every ``<arm>-s<seed>`` directory of a study."""
+    runs = []
+    for run in sorted(root.glob("*-s*")):
+        if run.is_dir():
+            arm, seed = run.name.rsplit("-s", 1)
+            runs.append((arm, int(seed), run))
+    return runs
 
 
 def report(root: Path) -> None:
     """Mean, std and every per-seed figure of each metric, per arm, from the finished evaluations."""
     table: dict[str, dict[str, dict[int, float]]] = {}
-    for run in sorted(root.glob("*-s*")):
-        if not run.is_dir():
-            continue
-        arm, seed = run.name.rsplit("-s", 1)
+    for arm, seed, run in _runs(root):
         for result in run.glob("eval/*/eval.json"):
             for task, metrics in json.loads(result.read_text()).items():
                 for metric, value in metrics.items():
@@ -215,7 +219,7 @@ def report(root: Path) -> None:
                         "n",
                         "tokens",
                     ):  # counts, not results
-                        table.setdefault(f"{task}/{metric}", {}).setdefault(arm, {})[int(seed)] = value
+                        table.setdefault(f"{task}/{metric}", {}).setdefault(arm, {})[seed] = value
     arms = sorted(
         {arm for by_arm in table.values() for arm in by_arm}, key=lambda a: (list(ARMS).index(a), a)
     )
@@ -274,8 +278,7 @@ def _item_fields(run: Path, task: str) -> dict[str, dict[str, float]] | None:
     if not path.exists():
         return None
     items = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
+    for row in read_jsonl(path):
         key = str(row.get("id", row.get("key")))
         items[key] = {k: float(v) for k, v in row.items() if isinstance(v, bool | int | float)}
     return items
@@ -290,10 +293,8 @@ def paired_comparison(root: Path, baseline: str = "ntp", resamples: int = 10_000
     seed it holds only the latter. The per-seed differences are listed beside it.
     """
     runs: dict[str, dict[int, Path]] = {}
-    for run in root.glob("*-s*"):
-        if run.is_dir():
-            arm, seed = run.name.rsplit("-s", 1)
-            runs.setdefault(arm, {})[int(seed)] = run
+    for arm, seed, run in _runs(root):
+        runs.setdefault(arm, {})[seed] = run
     lines = [
         f"Each arm minus `{baseline}` (perplexity: lower is better; accuracy: higher is better), on the items and "
         f"seeds both have; 95% paired bootstrap interval over seeds and items ({resamples} resamples):",
