@@ -82,18 +82,28 @@ def sh(cmd: list[str], log: Path) -> None:
             sys.exit(f"failed: {' '.join(cmd)} (see {log})")
 
 
-def make_splits(study: dict, root: Path, n_train: int, n_heldout: int) -> tuple[Path, Path]:
-    """Sample the train and held-out subsets (seed 0) into ``root`` as OpenAI-messages JSON lines."""
+def sample_study_rows(name: str, start: int, stop: int) -> list[dict]:
+    """Examples ``start:stop`` of the study's source in a fixed random order (seed 0), as OpenAI messages.
+
+    The training set is ``0:n_train``, the held-out set the ``n_heldout`` after it; anything beyond is unused
+    by the study (the weak reference heals on it).
+    """
     from sftmix.data import load_sft_dataset
     from sftmix.sftmix_config import DataArguments
 
-    train, heldout = root / "train.jsonl", root / "heldout.jsonl"
-    if train.exists() and heldout.exists():
-        return train, heldout
+    study = STUDIES[name]
     data = load_sft_dataset(DataArguments(dataset_name=study["source"], dataset_columns=study["columns"]))
     order = list(range(len(data)))
     random.Random(0).shuffle(order)
-    rows = [{"messages": data[i]["messages"]} for i in order[: n_train + n_heldout]]
+    return [{"messages": data[i]["messages"]} for i in order[start:stop]]
+
+
+def make_splits(name: str, root: Path, n_train: int, n_heldout: int) -> tuple[Path, Path]:
+    """Sample the train and held-out subsets into ``root`` as OpenAI-messages JSON lines."""
+    train, heldout = root / "train.jsonl", root / "heldout.jsonl"
+    if train.exists() and heldout.exists():
+        return train, heldout
+    rows = sample_study_rows(name, 0, n_train + n_heldout)
     atomic_write_jsonl(heldout, rows[n_train:])
     atomic_write_jsonl(train, rows[:n_train])
     return train, heldout
@@ -113,7 +123,7 @@ def run_study(args: argparse.Namespace) -> None:
     root = Path(args.root) / args.study
     root.mkdir(parents=True, exist_ok=True)
     log = root / "study.log"
-    train, heldout = make_splits(study, root, args.n_train, args.n_heldout)
+    train, heldout = make_splits(args.study, root, args.n_train, args.n_heldout)
     common = [
         "--model_name_or_path",
         args.model,
@@ -244,11 +254,30 @@ def report(root: Path) -> None:
                 seeds = ", ".join(f"s{s}: {by_seed[s]:.4f}" for s in sorted(by_seed))
                 cells.append(f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} ({seeds})")
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
-    lines += ["", *paired_comparison(root)]
+    lines += ["", *paired_comparison(root), *split_agreement(root)]
     text = "\n".join(lines) + "\n"
     (root / "results.md").write_text(text)
     (root / "results.json").write_text(json.dumps(table, indent=2, sort_keys=True))
     print(text)
+
+
+def split_agreement(root: Path) -> list[str]:
+    """How far the weak reference's split agrees with the target's own (the weak-to-strong premise)."""
+    own, weak = root / "dynamics" / "dynamics.jsonl", root / "dynamics-weak" / "dynamics.jsonl"
+    if not (own.exists() and weak.exists()):
+        return []
+    a = {r["id"]: r for r in read_jsonl(own)}
+    b = {r["id"]: r for r in read_jsonl(weak)}
+    ids = sorted(a.keys() & b.keys())
+    same = sum(a[i]["split"] == b[i]["split"] for i in ids) / len(ids)
+    # Spearman's rho: Pearson's r of the ranks (confidences are continuous, so ties are negligible).
+    ranks = [np.argsort(np.argsort([d[i]["confidence"] for i in ids])) for d in (a, b)]
+    rho = float(np.corrcoef(*ranks)[0, 1])
+    return [
+        "",
+        f"Weak reference vs the target's own stage 1, {len(ids)} examples: {same:.1%} in the same half "
+        f"(50% expected by chance), Spearman's rho of confidence {rho:.3f}.",
+    ]
 
 
 # Per-item statistics of the paired comparison: task -> {metric: (per-item fields, statistic)}. Each statistic

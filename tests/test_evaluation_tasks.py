@@ -151,6 +151,14 @@ def test_limit_is_per_subject_when_items_have_several():
     assert [i.id for i in first_items(single, 2)] == ["capital", "river"]
 
 
+def test_items_without_id_are_named_by_file_and_line_wherever_the_file_lies(tmp_path):
+    rows = '{"question": "q", "choices": ["a", "b"], "answer": 0}\n{"question": "r", "choices": ["a", "b"], "answer": 1}\n'
+    for folder in (tmp_path / "one", tmp_path / "two"):
+        folder.mkdir()
+        (folder / "items.jsonl").write_text(rows)
+        assert [i.id for i in read_mc_file(folder / "items.jsonl")] == ["items.jsonl:1", "items.jsonl:2"]
+
+
 def test_bad_inputs_name_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "choices": ["a", "b"], "answer": 0}\n{"question": "q", oops}\n')

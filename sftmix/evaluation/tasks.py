@@ -119,10 +119,11 @@ def _answer_index(value: Any, n: int, location: str, field: str, base: int = 0) 
 
 
 def _record_id(record: dict[str, Any], location: str) -> str:
+    """The record's own id, else ``file:line`` without the directory (the same id wherever the file lies)."""
     for key in ("id", "realidx", "key", "question_id"):
         if record.get(key) is not None:
             return str(record[key])
-    return location
+    return Path(location).name
 
 
 def parse_mc_record(record: Any, location: str, cop_base: int = 0) -> MCItem:
