@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sftmix.io_utils import atomic_write_json, atomic_write_jsonl, read_jsonl
+from sftmix.io_utils import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 # Arm -> mixup_weight. ``base`` is the untrained model (evaluated once, as seed 0); ``weak`` is SFTMix with the
@@ -256,8 +256,8 @@ def report(root: Path) -> None:
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     lines += ["", *paired_comparison(root), *split_agreement(root)]
     text = "\n".join(lines) + "\n"
-    (root / "results.md").write_text(text)
-    (root / "results.json").write_text(json.dumps(table, indent=2, sort_keys=True))
+    atomic_write_text(root / "results.md", text)
+    atomic_write_json(root / "results.json", table)
     print(text)
 
 

@@ -39,9 +39,8 @@ def test_split_agreement_of_weak_and_own_reference(tmp_path):
     for name in ("dynamics", "dynamics-weak"):
         (root / name).mkdir(parents=True)
     _dynamics(root / "dynamics" / "dynamics.jsonl", [1.0, 2.0, 3.0, 4.0])
-    _dynamics(
-        root / "dynamics-weak" / "dynamics.jsonl", [2.0, 1.0, 3.0, 4.0]
-    )  # ranks swapped in the low half
+    # The same halves, the ranks swapped inside the low one.
+    _dynamics(root / "dynamics-weak" / "dynamics.jsonl", [2.0, 1.0, 3.0, 4.0])
     (line,) = [s for s in efficacy_study.split_agreement(root) if s]
     assert "100.0% in the same half" in line and "rho of confidence 0.800" in line
     _dynamics(root / "dynamics-weak" / "dynamics.jsonl", [4.0, 3.0, 2.0, 1.0])  # reversed ranking
