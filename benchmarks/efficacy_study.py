@@ -14,6 +14,9 @@ Arms: ``ntp`` (``mixup_weight=0``), ``sftmix`` (0.2); ablations: ``equal`` (1.0,
 
     python benchmarks/efficacy_study.py --study alpaca --seeds 1 2 3
     python benchmarks/efficacy_study.py --study alpaca --report   # tables from what has finished
+
+``--study overfit`` (`overfit_study`): 256 examples x 8 epochs, evaluated after epochs 1, 2, 4, 8 in domain and
+out of domain, against NEFTune and label smoothing.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from sftmix.io_utils import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import overfit_study  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 # Arm -> mixup_weight. ``base`` is the untrained model (evaluated once, as seed 0); ``weak`` is SFTMix with the
@@ -388,11 +394,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--study", choices=sorted(STUDIES), default="alpaca")
+    parser.add_argument("--study", choices=[*sorted(STUDIES), "overfit"], default="alpaca")
     parser.add_argument("--root", default="runs/efficacy")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=["ntp", "sftmix"])
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        choices=sorted({*ARMS, *overfit_study.ARMS}),
+        default=None,
+        help="default: ntp sftmix",
+    )
     parser.add_argument("--n_train", type=int, default=1024)
     parser.add_argument("--n_heldout", type=int, default=200)
     parser.add_argument("--max_length", type=int, default=256)
@@ -417,7 +429,18 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--evals", nargs="+", default=None, help="only these evaluation tasks (default: all)")
     parser.add_argument("--report", action="store_true", help="only print the tables of what has finished")
+    parser.add_argument("--figure", default=None, help="overfit: also draw the per-epoch figure to this file")
     args = parser.parse_args()
+    if args.study == "overfit":
+        args.arms = args.arms or list(overfit_study.ARMS)
+        if args.report:
+            overfit_study.report_overfit(Path(args.root) / "overfit")
+        else:
+            overfit_study.run_overfit(args, sh, random_split)
+        if args.figure:
+            overfit_study.draw_figure(Path(args.root) / "overfit", Path(args.figure))
+        return
+    args.arms = args.arms or ["ntp", "sftmix"]
     if "weak" in args.arms and not args.weak_reference and not args.report:
         parser.error("the weak arm needs --weak_reference (a smaller model with the same tokenizer)")
     if args.report:

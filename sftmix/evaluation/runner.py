@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import bf16_native, launched_world_size
 from ..errors import SFTMixError
 from ..io_utils import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from ..sftmix_config import EvalArguments
@@ -32,7 +33,7 @@ from .tasks import MC_TASKS
 logger = logging.getLogger(__name__)
 
 GENERATION_TASKS = ("ifeval", "mt_bench", "alpaca_eval")
-TASKS = (*MC_TASKS, "perplexity", *GENERATION_TASKS)
+TASKS = (*MC_TASKS, "perplexity", "calibration", *GENERATION_TASKS)
 
 
 def resolve_dtype(dtype: str) -> str:
@@ -40,13 +41,7 @@ def resolve_dtype(dtype: str) -> str:
     AMX), else ``float32``; other values are returned unchanged."""
     if dtype != "auto":
         return dtype
-    if torch.cuda.is_available():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    try:
-        native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        native_bf16 = False
-    return "bfloat16" if native_bf16 else "float32"
+    return "bfloat16" if bf16_native() else "float32"
 
 
 def check_args(args: EvalArguments) -> None:
@@ -63,7 +58,7 @@ def check_args(args: EvalArguments) -> None:
         raise SFTMixError("num_fewshot must be >= 0, batch_size and max_new_tokens >= 1")
     if not args.data_path:
         raise SFTMixError(f"task {args.task} needs --data_path (the benchmark's data file)")
-    if args.task != "perplexity" and not Path(args.data_path).exists():
+    if args.task not in ("perplexity", "calibration") and not Path(args.data_path).exists():
         raise SFTMixError(f"data file not found: {args.data_path}")
 
 
@@ -90,10 +85,14 @@ def run_task(
         return evaluate_multiple_choice(
             task, items, score, args.formulation, args.num_fewshot, args.seed, pool, args.limit
         )
-    if task == "perplexity":
+    if task in ("perplexity", "calibration"):  # one pass gives both
+        from .calibration import CALIBRATION_KEYS
         from .perplexity import evaluate_perplexity
 
-        return evaluate_perplexity(model, tokenizer, data_path, args.limit, args.batch_size)
+        metrics, rows = evaluate_perplexity(model, tokenizer, data_path, args.limit, args.batch_size)
+        if task == "calibration":
+            metrics = {k: metrics[k] for k in (*CALIBRATION_KEYS, "tokens", "n")}
+        return metrics, rows
     from .generation import generate_chat
 
     if task == "ifeval":
@@ -204,6 +203,11 @@ def run_eval(args: EvalArguments) -> dict[str, Any]:
         ...                        data_path="pubmedqa/", limit=20, output_dir="out"))  # doctest: +SKIP
         {'pubmedqa': {'acc': ..., 'acc_norm': ..., 'n': 20, 'macro_f1': ...}}
     """
+    if launched_world_size() > 1:  # N processes would each evaluate everything into one output_dir
+        raise SFTMixError(
+            f"sftmix eval runs in one process, but {launched_world_size()} were launched: run it without "
+            "torchrun / accelerate launch"
+        )
     output_dir = Path(args.output_dir)
     if args.compare:
         files = [f.strip() for f in args.compare.split(",") if f.strip()]

@@ -1,0 +1,352 @@
+"""``efficacy_study.py --study overfit``: many epochs on little data, where a regulariser should matter.
+
+256 Alpaca examples (``alpaca_52k_en_zh_parts``, English fields, outside both held-out sets), 8 epochs, the
+first study's optimiser settings otherwise. After epochs 1, 2, 4 and 8 every run is evaluated with
+``sftmix eval --task perplexity`` (one pass: response perplexity and calibration) on
+
+- ``indomain``: 300 held-out Alpaca examples (the next 300 of the same shuffled order);
+- ``ood``: 200 GPTeacher Roleplay-Instruct examples (``../shared/data/gpteacher``), a set training never sees.
+
+Arms (same data, steps and seeds): ``ntp``; ``sftmix`` (mixup_weight 0.2, the paper's stage 1 split);
+``random`` (0.2, the split's labels shuffled per seed); ``neftune`` (TRL's ``neftune_noise_alpha=5``,
+mixup_weight 0); ``label_smoothing`` (0.1, mixup_weight 0); ``cheap`` (SFTMix with the cheapest stage-1
+scorer that agrees with the paper's split; until the scorers land it would be the random split, so it is
+not run yet). Every (arm, seed, epoch) evaluation is written atomically as soon as it exists; rerunning the
+command continues (training resumes from its last checkpoint, finished evaluations are kept). A run's epoch
+checkpoints are deleted once its evaluations exist (the final model stays).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sftmix.evaluation.calibration import ece_from_bins
+from sftmix.io_utils import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+ALPACA = (
+    str(SHARED / "alpaca_52k_en_zh_parts"),
+    "instruction=en_instruction,input=en_input,output=en_output",
+)
+OOD = (
+    str(SHARED / "gpteacher" / "Roleplay" / "roleplay-simple-deduped-roleplay-instruct.json"),
+    "instruction=instruction,input=input,output=response",
+)
+N_TRAIN, N_INDOMAIN, N_OOD = 256, 300, 200
+EPOCHS, EVAL_EPOCHS = 8, (1, 2, 4, 8)
+# Arm -> extra `sftmix train` flags; "split"/"random" arms get their dynamics file added.
+ARMS = {
+    "ntp": ["--mixup_weight", "0"],
+    "sftmix": ["--mixup_weight", "0.2"],
+    "random": ["--mixup_weight", "0.2"],
+    "neftune": ["--mixup_weight", "0", "--neftune_noise_alpha", "5"],
+    "label_smoothing": ["--mixup_weight", "0", "--label_smoothing_factor", "0.1"],
+    "cheap": ["--mixup_weight", "0.2"],
+}
+ORDER = (("ntp", "sftmix"), ("random", "neftune", "label_smoothing"), ("cheap",))
+EVAL_SETS = ("indomain", "ood")
+METRICS = ("perplexity", "ece", "mean_confidence", "accuracy", "brier", "confidence_std")
+
+
+def _sample(source: tuple[str, str], start: int, stop: int) -> list[dict]:
+    from sftmix.data import load_sft_dataset
+    from sftmix.sftmix_config import DataArguments
+
+    data = load_sft_dataset(DataArguments(dataset_name=source[0], dataset_columns=source[1]))
+    order = list(range(len(data)))
+    random.Random(0).shuffle(order)
+    return [{"messages": data[i]["messages"]} for i in order[start:stop]]
+
+
+def make_sets(root: Path) -> dict[str, Path]:
+    paths = {"train": root / "train.jsonl", "indomain": root / "heldout.jsonl", "ood": root / "ood.jsonl"}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    rows = _sample(ALPACA, 0, N_TRAIN + N_INDOMAIN)
+    atomic_write_jsonl(paths["ood"], _sample(OOD, 0, N_OOD))
+    atomic_write_jsonl(paths["indomain"], rows[N_TRAIN:])
+    atomic_write_jsonl(paths["train"], rows[:N_TRAIN])
+    return paths
+
+
+def _epoch_checkpoints(run: Path) -> dict[int, Path]:
+    """Epoch -> the model after it: ``checkpoint-*`` saved at epoch ends, and ``final`` for the last."""
+    found = {}
+    for checkpoint in run.glob("checkpoint-*"):
+        state = checkpoint / "trainer_state.json"
+        if state.exists():
+            found[round(json.loads(state.read_text())["epoch"])] = checkpoint
+    if (run / "final" / "config.json").exists():
+        found[EPOCHS] = run / "final"
+    return found
+
+
+def run_overfit(args: argparse.Namespace, sh, random_split) -> None:
+    root = Path(args.root) / "overfit"
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "study.log"
+    sets = make_sets(root)
+    common = [
+        "--model_name_or_path", args.model, "--dataset_name", str(sets["train"]),
+        "--max_length", str(args.max_length), "--per_device_train_batch_size", str(args.batch),
+        "--gradient_accumulation_steps", str(args.grad_accum), "--learning_rate", str(args.lr),
+        "--weight_decay", "0.1", "--lr_scheduler_type", "cosine", "--warmup_steps", "0.1",
+        "--gradient_checkpointing", "false", "--logging_steps", "5", "--report_to", "tensorboard",
+    ]  # fmt: skip
+    arms = [arm for group in ORDER for arm in group if arm in args.arms]
+    split = None
+    if {"sftmix", "random"} & set(arms):
+        if not (root / "dynamics" / "dynamics.jsonl").exists():
+            cmd = ["sftmix", "dynamics", *common, "--output_dir", str(root / "dynamics"), "--seed", "0"]
+            sh([*cmd, "--num_checkpoints", str(args.num_checkpoints)], log)
+        split = root / "dynamics" / "dynamics.jsonl"
+    for group in ORDER:
+        for seed in args.seeds:
+            for arm in (a for a in group if a in arms):
+                if arm == "cheap":
+                    print("cheap: waiting for the stage-1 scorers; skipped", flush=True)
+                    continue
+                run = root / f"{arm}-s{seed}"
+                if not _all_evaluated(run):
+                    if not (run / "final" / "config.json").exists():
+                        extra = list(ARMS[arm])
+                        if arm == "sftmix":
+                            extra += ["--dynamics_path", str(split)]
+                        elif arm == "random":
+                            extra += [
+                                "--dynamics_path",
+                                str(random_split(split, root / f"random_split-s{seed}.jsonl", seed)),
+                            ]
+                        cmd = ["sftmix", "train", *common, *extra, "--num_train_epochs", str(EPOCHS)]
+                        sh(
+                            [*cmd, "--save_strategy", "epoch", "--seed", str(seed), "--output_dir", str(run)],
+                            log,
+                        )
+                    evaluate_run(run, sets, args, sh, log)
+                for checkpoint in run.glob("checkpoint-*"):  # evaluated: the final model is enough
+                    shutil.rmtree(checkpoint)
+                report_overfit(root)
+
+
+def _all_evaluated(run: Path) -> bool:
+    return all((run / "eval" / f"e{e}" / s / "eval.json").exists() for e in EVAL_EPOCHS for s in EVAL_SETS)
+
+
+def evaluate_run(run: Path, sets: dict[str, Path], args: argparse.Namespace, sh, log: Path) -> None:
+    models = _epoch_checkpoints(run)
+    for epoch in EVAL_EPOCHS:
+        for name in EVAL_SETS:
+            out = run / "eval" / f"e{epoch}" / name
+            if (out / "eval.json").exists():
+                continue
+            if epoch not in models:
+                raise SystemExit(
+                    f"{run}: no checkpoint of epoch {epoch} to evaluate (found {sorted(models)})"
+                )
+            cmd = ["sftmix", "eval", "--model_name_or_path", str(models[epoch]), "--task", "perplexity"]
+            sh([*cmd, "--data_path", str(sets[name]), "--batch_size", "8", "--output_dir", str(out)], log)
+
+
+# ---- report --------------------------------------------------------------------------------------------------
+def _results(root: Path) -> dict[str, dict[str, dict[int, dict[int, float]]]]:
+    """``{set/metric: {arm: {epoch: {seed: value}}}}`` from every finished evaluation."""
+    table: dict = {}
+    for run in sorted(root.glob("*-s*")):
+        arm, seed = run.name.rsplit("-s", 1)
+        for result in run.glob("eval/e*/*/eval.json"):
+            epoch, name = int(result.parent.parent.name[1:]), result.parent.name
+            metrics = json.loads(result.read_text())["perplexity"]
+            for metric in METRICS:
+                table.setdefault(f"{name}/{metric}", {}).setdefault(arm, {}).setdefault(epoch, {})[
+                    int(seed)
+                ] = metrics[metric]
+    return table
+
+
+def _items(run: Path, epoch: int, name: str) -> dict[str, np.ndarray] | None:
+    """Per-item fields of one evaluation: ``{field: [items, k]}``, items sorted by id."""
+    path = run / "eval" / f"e{epoch}" / name / "predictions.jsonl"
+    if not path.exists():
+        return None
+    rows = sorted(read_jsonl(path), key=lambda r: r["id"])
+    return {
+        "ids": np.array([r["id"] for r in rows]),
+        "nll": np.array([[r["nll"]] for r in rows]),
+        "tokens": np.array([[r["tokens"]] for r in rows], dtype=np.float64),
+        "count": np.array([r["bins"]["count"] for r in rows], dtype=np.float64),
+        "confidence": np.array([r["bins"]["confidence"] for r in rows]),
+        "correct": np.array([r["bins"]["correct"] for r in rows]),
+    }
+
+
+# Statistics of the paired comparison: each reduces the items axis (-2) of [..., items, k] fields.
+STATS = {
+    "perplexity": lambda f: np.exp(f["nll"].sum(-2)[..., 0] / f["tokens"].sum(-2)[..., 0]),
+    "ece": lambda f: ece_from_bins(f["count"].sum(-2), f["confidence"].sum(-2), f["correct"].sum(-2)),
+}
+
+
+def paired_bootstrap(
+    a: list[dict], b: list[dict], stat, resamples: int = 10_000
+) -> tuple[float, float, float, list[float]]:
+    """Arm minus baseline of ``stat`` on seed-averaged items, a 95% interval resampling seeds then items."""
+    fields = [k for k in a[0] if k != "ids"]
+    sa = {f: np.stack([x[f] for x in a]) for f in fields}  # [seeds, items, k]
+    sb = {f: np.stack([x[f] for x in b]) for f in fields}
+    diff = float(stat({f: v.mean(0) for f, v in sa.items()}) - stat({f: v.mean(0) for f, v in sb.items()}))
+    per_seed = [
+        float(stat({f: v[i] for f, v in sa.items()}) - stat({f: v[i] for f, v in sb.items()}))
+        for i in range(len(a))
+    ]
+    rng = np.random.default_rng(0)
+    seeds, items = len(a), sa["nll"].shape[1]
+    boot = []
+    for start in range(0, resamples, 500):
+        size = min(500, resamples - start)
+        seed_idx = rng.integers(0, seeds, (size, seeds))
+        item_idx = rng.integers(0, items, (size, items))
+        boot.append(
+            stat({f: _draw(v, seed_idx, item_idx) for f, v in sa.items()})
+            - stat({f: _draw(v, seed_idx, item_idx) for f, v in sb.items()})
+        )
+    low, high = np.percentile(np.concatenate(boot), [2.5, 97.5])
+    return diff, float(low), float(high), per_seed
+
+
+def _draw(values: np.ndarray, seed_idx: np.ndarray, item_idx: np.ndarray) -> np.ndarray:
+    """Resamples of ``values`` [seeds, items, k]: average the drawn seeds, then pick the drawn items."""
+    return np.take_along_axis(values[seed_idx].mean(1), item_idx[..., None], axis=1)
+
+
+def _band(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f} (1 seed)"
+    return f"{statistics.mean(values):.4f} [{min(values):.4f}, {max(values):.4f}]"
+
+
+def report_overfit(root: Path) -> None:
+    table = _results(root)
+    arms = [a for group in ORDER for a in group if any(a in table.get(m, {}) for m in table)]
+    lines = [
+        f"Efficacy study `overfit` ({time.strftime('%Y-%m-%d')}): {N_TRAIN} Alpaca examples x {EPOCHS} epochs; "
+        f"held-out `indomain` ({N_INDOMAIN} Alpaca) and `ood` ({N_OOD} GPTeacher Roleplay). Each cell: mean over "
+        "seeds [min, max] (seeds).",
+        "",
+    ]
+    for key in sorted(table):
+        lines += [f"### {key}", "", "| arm | " + " | ".join(f"epoch {e}" for e in EVAL_EPOCHS) + " |"]
+        lines.append("| --- |" + " --- |" * len(EVAL_EPOCHS))
+        for arm in arms:
+            by_epoch = table[key].get(arm, {})
+            cells = [
+                f"{_band(list(by_epoch[e].values()))} ({','.join(map(str, sorted(by_epoch[e])))})"
+                if e in by_epoch
+                else ""
+                for e in EVAL_EPOCHS
+            ]
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += _comparisons(root, table, arms)
+    missing = [
+        f"{arm}-s{seed}" for arm in ARMS for seed in (1, 2, 3) if not _all_evaluated(root / f"{arm}-s{seed}")
+    ]
+    lines += ["", f"Missing (arm-seed, not all 4 epochs evaluated): {', '.join(missing) or 'none'}."]
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(root / "results.md", text)
+    atomic_write_json(root / "results.json", {"table": table, "missing": missing})
+    print(text, flush=True)
+
+
+def _comparisons(root: Path, table: dict, arms: list[str]) -> list[str]:
+    lines = [
+        "Each arm minus `ntp` (lower is better for both), at the last epoch and at the arm's own best epoch (lowest "
+        "mean in-domain perplexity over its seeds; `ntp` at its own best epoch then), on the seeds both have; "
+        "95% paired bootstrap interval over seeds and items (10,000 resamples):",
+        "",
+        "| set/metric | arm − ntp | epochs (arm / ntp) | seeds | difference | 95% interval | per-seed |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def best(arm: str) -> int | None:
+        by_epoch = table.get("indomain/perplexity", {}).get(arm, {})
+        return min(by_epoch, key=lambda e: statistics.mean(by_epoch[e].values())) if by_epoch else None
+
+    for name in EVAL_SETS:
+        for metric, stat in STATS.items():
+            for arm in arms:
+                if arm == "ntp":
+                    continue
+                for which, (ea, eb) in (("last", (EPOCHS, EPOCHS)), ("best", (best(arm), best("ntp")))):
+                    if ea is None or eb is None:
+                        continue
+                    seeds, a, b = [], [], []
+                    for seed in (1, 2, 3):
+                        x, y = (
+                            _items(root / f"{arm}-s{seed}", ea, name),
+                            _items(root / f"ntp-s{seed}", eb, name),
+                        )
+                        if x is not None and y is not None:
+                            seeds.append(seed)
+                            a.append(x)
+                            b.append(y)
+                    if not seeds:
+                        continue
+                    diff, low, high, per_seed = paired_bootstrap(a, b, stat)
+                    shown = ", ".join(f"s{s}: {d:+.4f}" for s, d in zip(seeds, per_seed, strict=True))
+                    lines.append(
+                        f"| {name}/{metric} | {arm} ({which}) | {ea} / {eb} | {','.join(map(str, seeds))} "
+                        f"| {diff:+.4f} | [{low:+.4f}, {high:+.4f}] | {shown} |"
+                    )
+    return lines
+
+
+def draw_figure(root: Path, output: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = _results(root)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    for row, name in enumerate(EVAL_SETS):
+        for col, metric in enumerate(("perplexity", "ece")):
+            ax = axes[row][col]
+            for arm, by_epoch in table.get(f"{name}/{metric}", {}).items():
+                epochs = sorted(by_epoch)
+                values = [list(by_epoch[e].values()) for e in epochs]
+                mean = [statistics.mean(v) for v in values]
+                (line,) = ax.plot(
+                    epochs, mean, marker="o", label=f"{arm} ({max(len(v) for v in values)} seeds)"
+                )
+                ax.fill_between(
+                    epochs,
+                    [min(v) for v in values],
+                    [max(v) for v in values],
+                    alpha=0.2,
+                    color=line.get_color(),
+                )
+            ax.set_title(
+                f"{'in-domain (Alpaca)' if name == 'indomain' else 'out-of-domain (GPTeacher Roleplay)'}: {metric}"
+            )
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(list(EVAL_EPOCHS), [str(e) for e in EVAL_EPOCHS])
+            ax.grid(alpha=0.3)
+    axes[1][0].set_xlabel("epoch")
+    axes[1][1].set_xlabel("epoch")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(
+        f"SmolLM2-135M-Instruct, {N_TRAIN} Alpaca examples x {EPOCHS} epochs (band: min-max over seeds)"
+    )
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(output)

@@ -1,0 +1,149 @@
+"""The CLI on 2 CPU processes (torchrun and accelerate launch, gloo) trains one model, as one process would.
+
+Each 2-process run (per-device batch B) is compared with a plain single-process `sftmix` run with batch 2B:
+the same global batches, so the logged losses and the final weights must agree up to float summation order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+DDP_CONFIG = Path(__file__).parents[1] / "examples" / "accelerate" / "ddp.yaml"
+LOGGED = ("loss", "grad_norm", "loss_ntp", "loss_mixup", "mixup_lambda", "mixed_tokens", "num_tokens")
+# fp32 on 2 processes sums the gradients in another order than 1 process: ~1e-8 apart after a few steps
+WEIGHT_ATOL = 1e-6
+LOSS_RTOL = 1e-5
+
+
+def _data(path: Path) -> Path:
+    rows = [
+        {"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a} + {b} = {a + b}" + " ok" * (a % 5)}
+        for a, b in zip(range(3, 35), range(50, 18, -1), strict=True)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _launcher(kind: str, port: int) -> list[str]:
+    if kind == "one":
+        return [sys.executable, "-m", "sftmix.cli"]
+    if kind == "torchrun":
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+            "-m", "sftmix.cli",
+        ]  # fmt: skip
+    # the shipped config (without it, `accelerate launch --num_processes 2` on a CPU-only machine starts ONE process)
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CONFIG), "--num_processes", "2",
+        "--mixed_precision", "no", "--main_process_port", str(port), "-m", "sftmix.cli",
+    ]  # fmt: skip
+
+
+def _sftmix(kind: str, port: int, command: str, model: str, data: Path, out: Path, *extra: str) -> Path:
+    argv = [
+        *_launcher(kind, port), command, "--model_name_or_path", model, "--dataset_name", str(data),
+        "--output_dir", str(out), "--learning_rate", "1e-3", "--logging_steps", "1", "--report_to", "none",
+        "--bf16", "false", "--max_length", "128", "--seed", "3", *extra,
+    ]  # fmt: skip
+    proc = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def _logs(out: Path) -> list[dict]:
+    checkpoint = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return [
+        e for e in json.loads((checkpoint / "trainer_state.json").read_text())["log_history"] if "loss" in e
+    ]
+
+
+def _assert_same_training(two: Path, one: Path) -> None:
+    got, want = _logs(two), _logs(one)
+    assert len(got) == len(want) > 0
+    for a, b in zip(got, want, strict=True):
+        for key in LOGGED:
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=LOSS_RTOL), (key, a, b)
+    wa, wb = load_file(two / "final" / "model.safetensors"), load_file(one / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wb:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=WEIGHT_ATOL, msg=name)
+    assert not list(two.glob("final.tmp*"))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_llama_dir) -> dict:
+    root = tmp_path_factory.mktemp("dist_cli")
+    data = _data(root / "data.jsonl")
+    dyn = _sftmix(
+        "one", 0, "dynamics", tiny_llama_dir, data, root / "dyn_one",
+        "--per_device_train_batch_size", "4", "--num_checkpoints", "2",
+    )  # fmt: skip
+    return {"root": root, "data": data, "model": tiny_llama_dir, "dynamics": dyn / "dynamics.jsonl"}
+
+
+def _train(setup: dict, kind: str, port: int, name: str, batch: int, *extra: str) -> Path:
+    return _sftmix(
+        kind, port, "train", setup["model"], setup["data"], setup["root"] / name,
+        "--per_device_train_batch_size", str(batch), "--max_steps", "3", *extra,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "accumulation", "port"), [("torchrun", 1, 29541), ("accelerate", 2, 29542)])
+def test_sftmix_on_two_processes_equals_one_process_with_the_same_global_batch(
+    setup, kind, accumulation, port
+):
+    extra = ("--dynamics_path", str(setup["dynamics"]), "--gradient_accumulation_steps", str(accumulation))
+    two = _train(setup, kind, port, f"two_{kind}_{accumulation}", 2, *extra)
+    one = _train(setup, "one", 0, f"one_{accumulation}", 4, *extra)
+    _assert_same_training(two, one)
+    assert all(e["loss_mixup"] > 0 and e["mixed_tokens"] > 0 for e in _logs(two))
+
+
+@pytest.mark.parametrize(("kind", "accumulation", "port"), [("accelerate", 1, 29543), ("torchrun", 2, 29544)])
+def test_ntp_on_two_processes_equals_one_process(setup, kind, accumulation, port):
+    # The run itself fails if the ranks end with different weights (check_replicas_agree)
+    extra = ("--mixup_weight", "0", "--gradient_accumulation_steps", str(accumulation))
+    two = _train(setup, kind, port, f"ntp_two_{kind}", 2, *extra)
+    one = _train(setup, "one", 0, f"ntp_one_{accumulation}", 4, *extra)
+    _assert_same_training(two, one)
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_dynamics_on_two_processes_writes_the_same_file(setup):
+    out = _sftmix(
+        "torchrun", 29545, "dynamics", setup["model"], setup["data"], setup["root"] / "dyn_two",
+        "--per_device_train_batch_size", "2", "--num_checkpoints", "2",
+    )  # fmt: skip
+    got, want = _rows(out / "dynamics.jsonl"), _rows(setup["dynamics"])
+    assert [r["id"] for r in got] == [r["id"] for r in want]
+    assert [r["split"] for r in got] == [r["split"] for r in want]
+    for a, b in zip(got, want, strict=True):
+        assert a["perplexities"] == pytest.approx(b["perplexities"], rel=1e-5)
+
+
+def test_run_on_two_processes_ends_with_one_final_model(setup):
+    out = _sftmix(
+        "accelerate", 29546, "run", setup["model"], setup["data"], setup["root"] / "run_two",
+        "--per_device_train_batch_size", "2", "--num_checkpoints", "2", "--num_train_epochs", "1",
+    )  # fmt: skip
+    assert (out / "final" / "model.safetensors").is_file()
+    assert (out / "dynamics" / "dynamics.jsonl").is_file()
+    assert sorted(p.name for p in out.glob("final*")) == ["final"]
+    info = json.loads((out / "final" / "sftmix_train.json").read_text())
+    steps = len(_rows(out / "dynamics" / "dynamics.jsonl")) // 4  # global batch 2 x 2, one epoch
+    assert info["global_step"] == steps
