@@ -26,7 +26,6 @@ import torch
 from trl import ModelConfig, SFTTrainer
 
 import sftmix.dynamics as dynamics
-import sftmix.reference as reference
 from sftmix.sftmix_config import DEFAULT_MODEL, DataArguments, DynamicsArguments, SFTMixConfig
 
 DEFAULT_DATA = (
@@ -71,7 +70,7 @@ def main() -> None:
     train_times: list[float] = []
     score_times: list[float] = []
     save_times: list[float] = []
-    reference.train_reference = _timed(reference.train_reference, train_times)
+    dynamics.train_reference = _timed(dynamics.train_reference, train_times)
     dynamics._score_all = _timed(dynamics._score_all, score_times)
     SFTTrainer._save_checkpoint = _timed(SFTTrainer._save_checkpoint, save_times)
 

@@ -1,28 +1,35 @@
 """SFTMix: Mixup-regularised instruction tuning (Xiao et al., arXiv 2410.05248) on Hugging Face TRL.
 
 >>> from sftmix import SFTMixConfig, SFTMixTrainer  # drop-in for trl.SFTConfig / trl.SFTTrainer
+
+The names of the public interface (README, "Python"), imported lazily so that ``sftmix --help`` stays fast:
+`SFTMixConfig`, `SFTMixTrainer`, `confidence_scores`, `median_split`, `mixup_loss`.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["SFTMixConfig", "SFTMixTrainer", "__version__"]
+_EXPORTS = {
+    "SFTMixConfig": "sftmix_config",
+    "SFTMixTrainer": "sftmix_trainer",
+    "confidence_scores": "splits",
+    "median_split": "splits",
+    "mixup_loss": "loss",
+}
+__all__ = ["SFTMixConfig", "SFTMixTrainer", "__version__", "confidence_scores", "median_split", "mixup_loss"]
 
 if TYPE_CHECKING:
+    from .loss import mixup_loss
     from .sftmix_config import SFTMixConfig
     from .sftmix_trainer import SFTMixTrainer
+    from .splits import confidence_scores, median_split
 
 
 def __getattr__(name: str):
-    # Lazy imports keep `sftmix --help` fast (no torch/transformers import).
-    if name == "SFTMixConfig":
-        from .sftmix_config import SFTMixConfig
-
-        return SFTMixConfig
-    if name == "SFTMixTrainer":
-        from .sftmix_trainer import SFTMixTrainer
-
-        return SFTMixTrainer
+    # Lazy imports: `import sftmix` does not import torch/transformers.
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module 'sftmix' has no attribute {name!r}")

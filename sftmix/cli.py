@@ -140,7 +140,7 @@ def _cmd_dynamics(argv: Sequence[str]) -> None:
 
 def _cmd_train(argv: Sequence[str]) -> None:
     data_args, model_args, training_args = parse_config("train", argv)
-    from .sftmix_trainer import train
+    from .pipeline import train
 
     train(model_args, data_args, training_args)
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SFTMixError
-from .io_utils import atomic_write_bytes, iter_jsonl
+from .io_utils import atomic_write_bytes
+from .splits import CONFIDENT, UNCONFIDENT, read_dynamics
 
 MAX_POINTS = 100_000
 """At most this many points are drawn (a fixed random subset); the histograms always use every example."""
-COLORS = {"confident": "#1f77b4", "unconfident": "#d62728"}
+COLORS = {CONFIDENT: "#1f77b4", UNCONFIDENT: "#d62728"}
 
 
 def _wide_range(values: np.ndarray) -> bool:
@@ -31,7 +31,7 @@ def draw_datamap(dynamics_path: str | Path, output_path: str | Path, title: str 
     """Draw the data map of a ``dynamics.jsonl`` to a PNG file; return its path.
 
     Args:
-        dynamics_path: A ``dynamics.jsonl`` written by `sftmix.dynamics.run_dynamics` (fields ``confidence``,
+        dynamics_path: A ``dynamics.jsonl`` written by `sftmix.dynamics.run_dynamics` (read with `sftmix.splits.read_dynamics`) (fields ``confidence``,
             ``split``, ``perplexities`` and, if present, ``variability``).
         output_path: The PNG to write (atomically; parent directories are created).
         title: First line of the title; the second always states N, C and the split sizes. When omitted, the
@@ -42,16 +42,7 @@ def draw_datamap(dynamics_path: str | Path, output_path: str | Path, title: str 
     from matplotlib.figure import Figure
 
     dynamics_path, output_path = Path(dynamics_path), Path(output_path)
-    if not dynamics_path.is_file():
-        raise SFTMixError(f"dynamics file not found: {dynamics_path}")
-    rows = []
-    for lineno, row in iter_jsonl(dynamics_path):
-        missing = [k for k in ("confidence", "split", "perplexities") if k not in row]
-        if missing:
-            raise SFTMixError(f"{dynamics_path}: line {lineno}: missing field '{missing[0]}'")
-        rows.append(row)
-    if not rows:
-        raise SFTMixError(f"{dynamics_path}: holds no example")
+    rows = read_dynamics(dynamics_path, require=("confidence", "split", "perplexities"))
     confidence = np.array([row["confidence"] for row in rows], dtype=np.float64)
     variability = np.array(
         [row.get("variability", np.std(row["perplexities"])) for row in rows], dtype=np.float64
@@ -68,7 +59,7 @@ def draw_datamap(dynamics_path: str | Path, output_path: str | Path, title: str 
     counts = {name: int((split == name).sum()) for name in COLORS}
     subtitle = (
         f"N = {len(rows):,} examples, C = {num_checkpoints} checkpoints; "
-        f"{counts['confident']:,} confident, {counts['unconfident']:,} unconfident"
+        f"{counts[CONFIDENT]:,} confident, {counts[UNCONFIDENT]:,} unconfident"
     )
     shown = np.arange(len(rows))
     if len(rows) > MAX_POINTS:
@@ -88,8 +79,8 @@ def draw_datamap(dynamics_path: str | Path, output_path: str | Path, title: str 
             variability[idx], confidence[idx], s=size, c=color, alpha=0.5, linewidths=0, rasterized=True,
             label=f"{name} ({counts[name]:,})",
         )  # fmt: skip
-    if counts["confident"] and counts["unconfident"]:  # the median split's boundary
-        boundary = (confidence[split == "confident"].min() + confidence[split == "unconfident"].max()) / 2
+    if counts[CONFIDENT] and counts[UNCONFIDENT]:  # the median split's boundary
+        boundary = (confidence[split == CONFIDENT].min() + confidence[split == UNCONFIDENT].max()) / 2
         ax.axhline(boundary, color="0.3", linestyle="--", linewidth=1, label="median split")
     if _wide_range(confidence):
         ax.set_yscale("symlog", linthresh=1.0)

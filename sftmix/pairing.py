@@ -1,11 +1,8 @@
-"""Stage 2 consumed by stage 3: the confident/unconfident split, balanced pairs, and per-row roles.
+"""Stage 3's batches: balanced confident/unconfident pairs, and each row's role.
 
 SFTMix mixes every confident example with an unconfident one, so every micro-batch must hold B/2 confident and
-B/2 unconfident examples, paired one-to-one at random. The pieces:
-
-- `load_split` reads ``dynamics.jsonl`` (from ``sftmix dynamics``) and returns, for the training dataset's ids in
-  order, True for the confident examples. Any mismatch (missing ids, another dataset, NaN, malformed lines)
-  is a one-line `SFTMixError` naming the file and line.
+B/2 unconfident examples, paired one-to-one at random. The split itself comes from `sftmix.splits.load_split`
+(True for the confident examples, in dataset order). The pieces:
 - `BalancedPairSampler` yields dataset indices as interleaved pairs ``c0, u0, c1, u1, ...``: every run of B
   consecutive indices starting at a multiple of B (a micro-batch) is balanced, and its k-th confident row is
   paired with its k-th unconfident row.
@@ -31,7 +28,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,88 +35,8 @@ import torch
 from torch.utils.data import Sampler
 
 from .errors import SFTMixError
-from .io_utils import iter_jsonl
 
-SPLITS = ("confident", "unconfident")
 ROLE_CONFIDENT, ROLE_UNCONFIDENT, ROLE_UNKNOWN = 1, 0, -1
-
-
-def _check_finite(value: Any, field: str, where: str) -> None:
-    values = value if isinstance(value, list) else [value]
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise SFTMixError(f"{where}: field '{field}' must hold finite numbers, got {v!r}")
-
-
-def read_dynamics_splits(dynamics_path: str | Path) -> dict[str, bool]:
-    """Read ``dynamics.jsonl`` into ``{id: is_confident}``, validating every line."""
-    path = Path(dynamics_path)
-    if not path.is_file():
-        raise SFTMixError(
-            f"dynamics file not found: {path} (run `sftmix dynamics` first, or set dynamics_path)"
-        )
-    splits: dict[str, bool] = {}
-    for lineno, row in iter_jsonl(path):
-        where = f"{path}: line {lineno}"
-        for key in ("id", "split"):
-            if key not in row:
-                raise SFTMixError(f"{where}: missing field '{key}'")
-        if row["split"] not in SPLITS:
-            raise SFTMixError(
-                f"{where}: field 'split' must be 'confident' or 'unconfident', got {row['split']!r}"
-            )
-        for key in ("confidence", "perplexities"):
-            if key in row:
-                _check_finite(row[key], key, where)
-        example_id = str(row["id"])
-        if example_id in splits:
-            raise SFTMixError(f"{where}: duplicate id {example_id!r}")
-        splits[example_id] = row["split"] == "confident"
-    if not splits:
-        raise SFTMixError(f"{path}: holds no examples")
-    return splits
-
-
-def load_split(dynamics_path: str | Path, ids: Sequence[str]) -> np.ndarray:
-    """The confident/unconfident split of the training examples ``ids``, from a ``dynamics.jsonl``.
-
-    Args:
-        dynamics_path: The file written by ``sftmix dynamics`` (one JSON object per example with ``id`` and
-            ``split``; ``confidence`` and ``perplexities`` are checked to be finite when present).
-        ids: The ``id`` column of the training dataset, in dataset order. The file may hold more ids (e.g.
-            examples dropped by truncation), but never fewer.
-
-    Returns:
-        ``np.ndarray[bool]`` aligned with ``ids``: True for confident examples.
-
-    Raises:
-        SFTMixError: the file is missing or malformed, misses ids of the dataset, belongs to another dataset, or
-            leaves one half empty.
-    """
-    return align_split(read_dynamics_splits(dynamics_path), ids, dynamics_path)
-
-
-def align_split(splits: Mapping[str, bool], ids: Sequence[str], dynamics_path: str | Path) -> np.ndarray:
-    """`load_split` from the ``{id: is_confident}`` of `read_dynamics_splits`, so a caller that needs both
-    reads the file once; ``dynamics_path`` (where ``splits`` came from) is named in the errors."""
-    missing = [i for i in ids if str(i) not in splits]
-    if missing and len(missing) == len(ids):
-        raise SFTMixError(
-            f"{dynamics_path} is for another dataset: none of the {len(ids)} training example ids is in it "
-            f"(first: {missing[0]!r}); run `sftmix dynamics` on this dataset"
-        )
-    if missing:
-        raise SFTMixError(
-            f"{dynamics_path} has no entry for {len(missing)} of the {len(ids)} training examples (first: "
-            f"{missing[0]!r}); run `sftmix dynamics` on the same dataset, selection and max_length"
-        )
-    confident = np.array([splits[str(i)] for i in ids], dtype=bool)
-    if confident.all() or not confident.any():
-        half = "confident" if confident.all() else "unconfident"
-        raise SFTMixError(
-            f"{dynamics_path}: all {len(ids)} training examples are {half}; Mixup needs both halves"
-        )
-    return confident
 
 
 def _cover(pool: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:

@@ -1,6 +1,6 @@
-"""``sftmix run``: stages 1 to 3 in one output directory.
+"""``sftmix train`` and ``sftmix run``: the load-train-save drivers of stage 3 and of stages 1 to 3.
 
-Layout of ``output_dir``::
+Layout of ``output_dir`` for ``sftmix run``::
 
     dynamics/            stage 1-2: reference checkpoints, per-checkpoint scores, dynamics.jsonl, datamap.png
     checkpoint-*/        stage 3 checkpoints (resume points)
@@ -12,27 +12,97 @@ Each stage resumes on its own, so re-running the same command after a crash cont
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+import os
+import shutil
 from pathlib import Path
 
-from trl import ModelConfig
+from trl import ModelConfig, get_peft_config
 
+from .data import prepare_sft_dataset
+from .dynamics import run_dynamics
+from .errors import SFTMixError
+from .io_utils import atomic_write_json, last_complete_checkpoint
+from .models import load_model, load_tokenizer
+from .reference import stage1_args
 from .sftmix_config import DataArguments, DynamicsArguments, SFTMixConfig
+from .sftmix_trainer import SFTMixTrainer
+from .splits import align_split, read_dynamics_splits
 
 logger = logging.getLogger(__name__)
 
+FINAL_DIR = "final"
 
-def stage1_args(training_args: SFTMixConfig, dyn_args: DynamicsArguments) -> SFTMixConfig:
-    """The reference run's arguments: plain NTP, ``reference_epochs`` epochs, in ``output_dir/dynamics``."""
-    return dataclasses.replace(
-        training_args,
-        output_dir=str(Path(training_args.output_dir) / "dynamics"),
-        num_train_epochs=dyn_args.reference_epochs,
-        max_steps=-1,
-        mixup_weight=0.0,
-        dynamics_path=None,
+
+def train(model_args: ModelConfig, data_args: DataArguments, training_args: SFTMixConfig) -> str:
+    """Stage 3 end to end: load, tokenize, train (resuming from the last checkpoint), save; return the model dir.
+
+    Re-running with the same ``output_dir`` resumes from its latest ``checkpoint-*``; once ``output_dir/final``
+    exists (it is renamed into place only when complete), the run is done and returns at once.
+
+    Args:
+        model_args: TRL's model config (``model_name_or_path``, ``dtype``, ``use_peft``, ``lora_r``...).
+        data_args: Where the training data is (`DataArguments`).
+        training_args: The `SFTMixConfig` (``output_dir``, ``mixup_weight``, ``dynamics_path``, ``max_length``...).
+
+    Returns:
+        The final model directory (``output_dir/final``): the model (or the PEFT adapter) and its tokenizer.
+    """
+    output_dir = Path(training_args.output_dir)
+    final_dir = output_dir / FINAL_DIR
+    if final_dir.is_dir():
+        logger.info("%s exists: training already finished", final_dir)
+        return str(final_dir)
+    if not model_args.model_name_or_path:
+        raise SFTMixError("model_name_or_path is not set")
+    # Inputs are checked before anything is written: data first (cheap), then the model
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    dataset = prepare_sft_dataset(
+        data_args, tokenizer, training_args.max_length, training_args.truncation_mode
     )
+    confident_by_id = None
+    if training_args.mixup_weight > 0:  # the dynamics file and the batch shape, before anything is written
+        SFTMixTrainer._check_mixup_args(training_args)
+        # Read once: the trainer gets the parsed file
+        confident_by_id = read_dynamics_splits(training_args.dynamics_path)
+        align_split(confident_by_id, dataset["id"], training_args.dynamics_path)
+    model_kwargs = {"trust_remote_code": getattr(model_args, "trust_remote_code", False)}
+    if model_args.attn_implementation is not None:
+        model_kwargs["attn_implementation"] = model_args.attn_implementation
+    model = load_model(model_args.model_name_or_path, dtype=model_args.dtype or "float32", **model_kwargs)
+    trainer = SFTMixTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        confident_by_id=confident_by_id,
+    )
+    last = last_complete_checkpoint(output_dir)
+    if last is not None:
+        logger.info("Resuming from %s", last)
+    trainer.train(resume_from_checkpoint=last)
+
+    tmp_dir = output_dir / f"{FINAL_DIR}.tmp"
+    if trainer.accelerator.is_main_process and tmp_dir.exists():
+        shutil.rmtree(tmp_dir)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(tmp_dir))  # every process calls it (FSDP/ZeRO-3 gather); the main one writes
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(tmp_dir)
+        atomic_write_json(
+            tmp_dir / "sftmix_train.json",
+            {
+                "model_name_or_path": model_args.model_name_or_path,
+                "mixup_weight": training_args.mixup_weight,
+                "mixup_alpha": training_args.mixup_alpha,
+                "dynamics_path": training_args.dynamics_path,
+                "global_step": trainer.state.global_step,
+            },
+        )
+        os.replace(tmp_dir, final_dir)  # the rename marks the run as finished
+    trainer.accelerator.wait_for_everyone()
+    return str(final_dir)
 
 
 def run_pipeline(
@@ -41,17 +111,11 @@ def run_pipeline(
     dyn_args: DynamicsArguments,
     training_args: SFTMixConfig,
 ) -> str:
-    """Run stages 1-2 (`sftmix.dynamics.run_dynamics`) then stage 3 (`sftmix.sftmix_trainer.train`).
-
-    Returns the directory of the final model.
-    """
-    from .dynamics import run_dynamics
-    from .sftmix_trainer import train
-
-    ref_args = stage1_args(training_args, dyn_args)
+    """Run stages 1-2 (`sftmix.dynamics.run_dynamics`) then stage 3 (`train`); return the final model's dir."""
     if training_args.mixup_weight > 0 and not training_args.dynamics_path:
-        run_dynamics(model_args, data_args, dyn_args, ref_args)
-        training_args.dynamics_path = str(Path(ref_args.output_dir) / "dynamics.jsonl")
+        training_args.dynamics_path = str(
+            run_dynamics(model_args, data_args, dyn_args, stage1_args(training_args))
+        )
     logger.info(
         "Stage 3: SFTMix training (mixup_weight=%s) into %s",
         training_args.mixup_weight,

@@ -20,9 +20,13 @@ from accelerate import PartialState
 from datasets import Dataset
 from transformers import TrainerCallback
 from transformers.trainer_utils import SaveStrategy
+from trl import get_peft_config
 
+from .data import dataset_fingerprint
 from .errors import SFTMixError
 from .io_utils import atomic_write_json, last_complete_checkpoint
+from .models import load_model
+from .sftmix_trainer import SFTMixTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +70,14 @@ class CheckpointScheduleCallback(TrainerCallback):
         if state.global_step in self.save_steps:
             control.should_save = True
         return control
+
+
+def stage1_args(training_args: Any) -> Any:
+    """Stage 1's config inside ``sftmix run``: the run's config in ``output_dir/dynamics``, without stage 3's step
+    budget (``max_steps``). `_reference_args` derives the reference run from it, as for ``sftmix dynamics``."""
+    return dataclasses.replace(
+        training_args, output_dir=str(Path(training_args.output_dir) / "dynamics"), max_steps=-1
+    )
 
 
 def _reference_args(training_args: Any, output_dir: Path, epochs: float) -> Any:
@@ -134,15 +146,9 @@ def train_reference(
         epochs: ``num_train_epochs`` of the reference run.
         trainer_cls: Trainer class taking ``trl.SFTTrainer``'s arguments (default `SFTMixTrainer` with
             ``mixup_weight=0``: TRL's NTP training with sftmix's faster fused head).
-        fingerprint: `sftmix.dynamics.dataset_fingerprint` of ``dataset`` if the caller has it (it hashes every
+        fingerprint: `sftmix.data.dataset_fingerprint` of ``dataset`` if the caller has it (it hashes every
             token); computed here otherwise.
     """
-    from trl import get_peft_config
-
-    from .dynamics import dataset_fingerprint
-    from .models import load_model
-    from .sftmix_trainer import SFTMixTrainer
-
     # A marker file records which data the run is on and, once finished, its checkpoint steps: a rerun of a
     # finished run skips training, and a run dir trained on other data is never silently mixed with this one.
     marker = reference_dir / "sftmix_reference.json"

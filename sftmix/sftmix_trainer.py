@@ -1,4 +1,4 @@
-"""Stage 3: `SFTMixTrainer`, TRL's ``SFTTrainer`` with the Mixup regulariser, and the `train` entry point.
+"""Stage 3: `SFTMixTrainer`, TRL's ``SFTTrainer`` with the Mixup regulariser of `sftmix.loss`.
 
 One training step of SFTMix, with ``mixup_weight = mu > 0``:
 
@@ -14,19 +14,16 @@ One training step of SFTMix, with ``mixup_weight = mu > 0``:
    gradients). So 2 micro-batches of 2 give the gradient of one batch of 4.
 
 Lambdas come from a generator seeded by ``(seed, global_step, micro-step)`` that draws the global micro-batch's
-lambdas, each process taking its slice: a resumed run, or a run on more processes, draws the same ones. With ``mixup_weight = 0`` the loss is TRL's own ``compute_loss`` on TRL's batches: the NTP baseline.
-A non-finite loss stops training with a `SFTMixError` naming the step and the batch's example ids.
+lambdas, each process taking its slice: a resumed run, or a run on more processes, draws the same ones. With
+``mixup_weight = 0`` the loss is TRL's own ``compute_loss`` on TRL's batches: the NTP baseline. A non-finite
+loss stops training with a `SFTMixError` naming the step and the batch's example ids. The load-train-save
+driver of ``sftmix train`` is `sftmix.pipeline.train`.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
-import shutil
-import types
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,152 +31,20 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object, is_peft_model
 from datasets import Dataset
-from transformers import PreTrainedModel
-from transformers.modeling_outputs import ModelOutput
-from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
-from trl.trainer.utils import maybe_gather_lm_head_ctx
+from trl import SFTConfig, SFTTrainer
 
+from .data import IGNORE_INDEX, with_content_ids
 from .distributed import check_process_group, check_replicas_agree
 from .errors import SFTMixError
-from .head import fused_linear_cross_entropy, lm_head_parameters, lm_head_transform
-from .io_utils import atomic_write_json, last_complete_checkpoint
-from .mixup import count_mixed_tokens, mix_hidden_states, sample_lambdas
-from .pairing import BalancedPairSampler, MixupRoleCollator, align_split, pair_rows, read_dynamics_splits
-from .sftmix_config import DataArguments, SFTMixConfig
+from .io_utils import atomic_write_json
+from .loss import add_sftmix_head, count_mixed_tokens, sample_lambdas
+from .pairing import BalancedPairSampler, MixupRoleCollator, pair_rows
+from .sftmix_config import SFTMixConfig
+from .splits import align_split, read_dynamics_splits
 
 logger = logging.getLogger(__name__)
 
-FINAL_DIR = "final"
 NONFINITE_NOTE = "nonfinite_loss.json"
-
-
-@dataclass
-class SFTMixOutput(ModelOutput):
-    """What the patched forward returns with ``sftmix=...``. Only ``loss`` carries a gradient.
-
-    Args:
-        loss: ``ntp_weight * sum NLL + mixup_weight * sum (lam CE(y_c) + (1 - lam) CE(y_u))``.
-        ntp_nll_sum: Summed NLL of the response tokens.
-        ntp_tokens: Number of response tokens.
-        mixup_ce_sum: Summed Mixup cross-entropy of the mixed tokens.
-        mixed_tokens: Number of mixed tokens.
-        entropy_sum: Summed entropy of the next-token distributions of the response tokens.
-        num_correct: Response tokens predicted top-1.
-    """
-
-    loss: torch.Tensor | None = None
-    ntp_nll_sum: torch.Tensor | None = None
-    ntp_tokens: torch.Tensor | None = None
-    mixup_ce_sum: torch.Tensor | None = None
-    mixed_tokens: torch.Tensor | None = None
-    entropy_sum: torch.Tensor | None = None
-    num_correct: torch.Tensor | None = None
-
-
-def sftmix_head_loss(
-    hidden: torch.Tensor,
-    labels: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    ntp_weight: torch.Tensor | float,
-    mixup_weight: torch.Tensor | float = 0.0,
-    mixup_role: torch.Tensor | None = None,
-    lambdas: torch.Tensor | None = None,
-    chunk_size: int = 1024,
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
-) -> SFTMixOutput:
-    """NTP + Mixup loss of a micro-batch from its shifted hidden states, through one fused head call.
-
-    Args:
-        hidden: ``[B, T, H]`` last hidden states, shifted: ``hidden[:, t]`` predicts ``labels[:, t]``.
-        labels: ``[B, T]`` shifted labels, ``-100`` where no loss is carried.
-        weight: ``[V, H]`` LM head weight.
-        bias: Optional ``[V]`` LM head bias.
-        ntp_weight: Weight of each response token's NLL (``1 / num_items_in_batch``, times processes).
-        mixup_weight: Weight of each mixed token's cross-entropy (``mu / mixed tokens``, times processes).
-        mixup_role: ``[B]`` 1 confident / 0 unconfident per row; None for NTP only.
-        lambdas: ``[B / 2]`` lambda of each pair (the k-th confident row with the k-th unconfident row).
-        chunk_size: Rows per chunk of the fused head.
-        logit_scale: The model's logit multiplier.
-        softcap: The model's final logit soft-cap.
-    """
-    mask = labels != -100
-    rows, targets = [hidden[mask]], [labels[mask]]
-    num_ntp = rows[0].shape[0]
-    ntp_w = torch.as_tensor(ntp_weight, dtype=torch.float32, device=hidden.device).expand(num_ntp)
-    weights, targets2, weights2 = [ntp_w], [targets[0]], [torch.zeros_like(ntp_w)]
-    lam = None
-    if mixup_role is not None:
-        rows_c, rows_u = pair_rows(mixup_role)
-        mixed = mix_hidden_states(hidden[rows_c], labels[rows_c], hidden[rows_u], labels[rows_u], lambdas)
-        lam = mixed.lam
-        mix_w = torch.as_tensor(mixup_weight, dtype=torch.float32, device=hidden.device)
-        rows.append(mixed.hidden.to(hidden.dtype))
-        targets.append(mixed.targets_c)
-        weights.append(mix_w * lam)
-        targets2.append(mixed.targets_u)
-        weights2.append(mix_w * (1 - lam))
-    out = fused_linear_cross_entropy(
-        torch.cat(rows),
-        weight,
-        torch.cat(targets),
-        torch.cat(weights),
-        bias,
-        torch.cat(targets2),
-        torch.cat(weights2),
-        chunk_size=chunk_size,
-        logit_scale=logit_scale,
-        softcap=softcap,
-        with_stats=True,
-        stats_rows=num_ntp,
-    )
-    mixup_ce = (lam * out.ce[num_ntp:] + (1 - lam) * out.ce2[num_ntp:]).sum() if lam is not None else None
-    return SFTMixOutput(
-        loss=out.loss,
-        ntp_nll_sum=out.ce[:num_ntp].sum(),
-        ntp_tokens=mask.sum(),
-        mixup_ce_sum=mixup_ce if mixup_ce is not None else out.ce.new_zeros(()),
-        mixed_tokens=torch.as_tensor(out.ce.shape[0] - num_ntp, device=hidden.device),
-        entropy_sum=out.entropy[:num_ntp].sum(),
-        num_correct=out.is_top1[:num_ntp].sum(),
-    )
-
-
-def add_sftmix_head(model: PreTrainedModel) -> None:
-    """Patch ``model.forward``: ``model(input_ids, attention_mask, labels=labels, sftmix={...})`` returns an
-    `SFTMixOutput` computed inside the forward from the backbone's last hidden states.
-
-    The keys of ``sftmix`` are the keyword arguments of `sftmix_head_loss` after ``bias`` (``ntp_weight``,
-    ``mixup_weight``, ``mixup_role``, ``lambdas``, ``chunk_size``). Without ``sftmix`` the previous forward runs
-    (TRL's fused forward, or the model's own), so generation and TRL's evaluation are unchanged. Patch the base
-    model under PEFT, after TRL's ``add_fused_lm_head``.
-    """
-    previous_forward = model.forward
-    logit_scale, softcap = lm_head_transform(model)
-
-    @functools.wraps(type(model).forward)
-    def _sftmix_forward(self, *args, sftmix: dict[str, Any] | None = None, **kwargs):
-        if sftmix is None:
-            return previous_forward(*args, **kwargs)
-        labels = kwargs.pop("labels")
-        kwargs["use_cache"] = False
-        # Looked up on each call: FSDP and PEFT replace modules after patching
-        backbone_outputs = self.base_model(*args, **kwargs)
-        weight, bias = lm_head_parameters(self)
-        hidden = backbone_outputs.last_hidden_state[:, :-1].to(weight.device)
-        with maybe_gather_lm_head_ctx(weight, bias):
-            return sftmix_head_loss(
-                hidden,
-                labels[:, 1:].to(weight.device),
-                weight,
-                bias,
-                logit_scale=logit_scale,
-                softcap=softcap,
-                **sftmix,
-            )
-
-    model.forward = types.MethodType(_sftmix_forward, model)
 
 
 def _sequence_parallel(accelerator: Any) -> bool:
@@ -192,13 +57,14 @@ class SFTMixTrainer(SFTTrainer):
     """`trl.SFTTrainer` with SFTMix's Mixup regulariser; it takes the same arguments.
 
     With ``args.mixup_weight > 0`` (an `SFTMixConfig`), ``args.dynamics_path`` gives each training example's
-    split, and the loss is ``L_NTP + mixup_weight * L_mixup`` (see the module docstring). The training dataset
-    needs an ``id`` column matching the dynamics file (``sftmix.data`` makes one); it may be tokenized already
-    (``id``, ``input_ids``, ``labels``: TRL then skips its own tokenization). With ``mixup_weight = 0`` training
-    is exactly ``trl.SFTTrainer``'s. ``confident_by_id`` (keyword only) is `sftmix.pairing.read_dynamics_splits` of
+    split, and the loss is ``L_NTP + mixup_weight * L_mixup`` (see the module docstring). The training dataset is
+    any dataset ``trl.SFTTrainer`` takes (``messages``, prompt/completion, or tokenized ``input_ids`` / ``labels``);
+    its examples are found in the dynamics file by their ``id`` column, or, without one, by the id
+    `sftmix.data.content_id` derives from their content (the same the CLI's ``sftmix dynamics`` writes). With ``mixup_weight = 0`` training
+    is exactly ``trl.SFTTrainer``'s. ``confident_by_id`` (keyword only) is `sftmix.splits.read_dynamics_splits` of
     ``args.dynamics_path`` when the caller has read it already (`train` does); by default the file is read here.
 
-    Example (``model``, ``tokenizer`` and a tokenized ``dataset`` with an ``id`` column):
+    Example (``model``, ``tokenizer`` and a TRL ``dataset``, e.g. a ``messages`` column):
         >>> args = SFTMixConfig(output_dir="out", dynamics_path="dyn/dynamics.jsonl")  # doctest: +SKIP
         >>> SFTMixTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer).train()  # doctest: +SKIP
     """
@@ -228,6 +94,11 @@ class SFTMixTrainer(SFTTrainer):
             if confident_by_id is None:
                 confident_by_id = read_dynamics_splits(args.dynamics_path)
             self._confident_by_id = confident_by_id
+            # Pairing finds each example's split by id: a dataset without ids gets them from its content
+            if isinstance(kwargs.get("train_dataset"), Dataset):
+                kwargs["train_dataset"] = with_content_ids(kwargs["train_dataset"])
+            elif len(pos_args) > 1 and isinstance(pos_args[1], Dataset):
+                pos_args = (pos_args[0], with_content_ids(pos_args[1]), *pos_args[2:])
         super().__init__(model, args, *pos_args, **kwargs)
 
         if self._mixup:
@@ -235,13 +106,9 @@ class SFTMixTrainer(SFTTrainer):
                 raise SFTMixError(
                     "Mixup needs a map-style datasets.Dataset (not an IterableDataset) to pair examples"
                 )
-            ids = self.train_dataset["id"] if "id" in self.train_dataset.column_names else None
-            if ids is None:
-                raise SFTMixError(
-                    "Mixup needs an 'id' column in the training dataset to find each example's split"
-                )
-            # every training id must be in the split, and both halves non-empty
-            align_split(self._confident_by_id, ids, args.dynamics_path)
+            ids = self.train_dataset["id"]
+            # every training id must be in the split, and both halves non-empty; kept for the sampler
+            self._confident = align_split(self._confident_by_id, ids, args.dynamics_path)
         self.data_collator = MixupRoleCollator(
             self.data_collator, self._confident_by_id if self._mixup else None
         )
@@ -308,8 +175,9 @@ class SFTMixTrainer(SFTTrainer):
     def _get_train_sampler(self, train_dataset=None):
         if not self._mixup:
             return super()._get_train_sampler(train_dataset)
-        dataset = self.train_dataset if train_dataset is None else train_dataset
-        confident = align_split(self._confident_by_id, dataset["id"], self.args.dynamics_path)
+        confident = self._confident
+        if train_dataset is not None and train_dataset is not self.train_dataset:
+            confident = align_split(self._confident_by_id, train_dataset["id"], self.args.dynamics_path)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return BalancedPairSampler(
             confident, self._train_batch_size, seed=seed, num_replicas=self.args.world_size
@@ -365,7 +233,7 @@ class SFTMixTrainer(SFTTrainer):
         # TRL's normalisation: a sum over tokens divided by the window's token count on all processes; DDP then
         # averages the gradients over processes, which the factor `processes` undoes.
         if num_items_in_batch is None:
-            ntp_count = (labels != -100).sum()
+            ntp_count = (labels != IGNORE_INDEX).sum()
             mix_count = count_mixed_tokens(*(labels[rows] for rows in pair_rows(roles))) if self._mixup else 1
             processes = 1
         else:
@@ -436,77 +304,3 @@ class SFTMixTrainer(SFTTrainer):
             f"non-finite loss at step {step} ({detail}); example ids of the batch: {shown or 'unknown'}; "
             f"weights before this step saved to {saved}, note in {where / NONFINITE_NOTE}"
         )
-
-
-def train(model_args: ModelConfig, data_args: DataArguments, training_args: SFTMixConfig) -> str:
-    """Stage 3 end to end: load, tokenize, train (resuming from the last checkpoint), save; return the model dir.
-
-    Re-running with the same ``output_dir`` resumes from its latest ``checkpoint-*``; once ``output_dir/final``
-    exists (it is renamed into place only when complete), the run is done and returns at once.
-
-    Args:
-        model_args: TRL's model config (``model_name_or_path``, ``dtype``, ``use_peft``, ``lora_r``...).
-        data_args: Where the training data is (`DataArguments`).
-        training_args: The `SFTMixConfig` (``output_dir``, ``mixup_weight``, ``dynamics_path``, ``max_length``...).
-
-    Returns:
-        The final model directory (``output_dir/final``): the model (or the PEFT adapter) and its tokenizer.
-    """
-    from .data import prepare_sft_dataset
-    from .models import load_model, load_tokenizer
-
-    output_dir = Path(training_args.output_dir)
-    final_dir = output_dir / FINAL_DIR
-    if final_dir.is_dir():
-        logger.info("%s exists: training already finished", final_dir)
-        return str(final_dir)
-    if not model_args.model_name_or_path:
-        raise SFTMixError("model_name_or_path is not set")
-    # Inputs are checked before anything is written: data first (cheap), then the model
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
-    dataset = prepare_sft_dataset(
-        data_args, tokenizer, training_args.max_length, training_args.truncation_mode
-    )
-    confident_by_id = None
-    if training_args.mixup_weight > 0:  # the dynamics file and the batch shape, before anything is written
-        SFTMixTrainer._check_mixup_args(training_args)
-        # Read once: the trainer gets the parsed file
-        confident_by_id = read_dynamics_splits(training_args.dynamics_path)
-        align_split(confident_by_id, dataset["id"], training_args.dynamics_path)
-    model_kwargs = {"trust_remote_code": getattr(model_args, "trust_remote_code", False)}
-    if model_args.attn_implementation is not None:
-        model_kwargs["attn_implementation"] = model_args.attn_implementation
-    model = load_model(model_args.model_name_or_path, dtype=model_args.dtype or "float32", **model_kwargs)
-    trainer = SFTMixTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-        confident_by_id=confident_by_id,
-    )
-    last = last_complete_checkpoint(output_dir)
-    if last is not None:
-        logger.info("Resuming from %s", last)
-    trainer.train(resume_from_checkpoint=last)
-
-    tmp_dir = output_dir / f"{FINAL_DIR}.tmp"
-    if trainer.accelerator.is_main_process and tmp_dir.exists():
-        shutil.rmtree(tmp_dir)
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(tmp_dir))  # every process calls it (FSDP/ZeRO-3 gather); the main one writes
-    if trainer.accelerator.is_main_process:
-        tokenizer.save_pretrained(tmp_dir)
-        atomic_write_json(
-            tmp_dir / "sftmix_train.json",
-            {
-                "model_name_or_path": model_args.model_name_or_path,
-                "mixup_weight": training_args.mixup_weight,
-                "mixup_alpha": training_args.mixup_alpha,
-                "dynamics_path": training_args.dynamics_path,
-                "global_step": trainer.state.global_step,
-            },
-        )
-        os.replace(tmp_dir, final_dir)  # the rename marks the run as finished
-    trainer.accelerator.wait_for_everyone()
-    return str(final_dir)

@@ -16,21 +16,14 @@ from trl import ModelConfig
 
 import sftmix.dynamics as dynamics
 from sftmix import SFTMixTrainer
-from sftmix.data import load_sft_dataset, tokenize_sft_dataset
-from sftmix.dynamics import (
-    confidence_scores,
-    dataset_fingerprint,
-    length_grouped_batches,
-    median_split,
-    response_token_counts,
-    run_dynamics,
-    score_checkpoint,
-    variability_scores,
-)
+from sftmix.data import dataset_fingerprint, load_sft_dataset, tokenize_sft_dataset
+from sftmix.dynamics import run_dynamics
 from sftmix.errors import SFTMixError
 from sftmix.io_utils import read_jsonl
 from sftmix.reference import checkpoint_steps
+from sftmix.scoring import length_grouped_batches, response_token_counts, score_checkpoint
 from sftmix.sftmix_config import DataArguments, DynamicsArguments, SFTMixConfig
+from sftmix.splits import confidence_scores, median_split, variability_scores
 
 # ---------------------------------------------------------------------------------------------------------
 # The arithmetic
@@ -185,7 +178,7 @@ import numpy as np
 from accelerate import PartialState
 from datasets import load_from_disk
 from transformers import AutoModelForCausalLM
-from sftmix.dynamics import score_checkpoint
+from sftmix.scoring import score_checkpoint
 
 state = PartialState(cpu=True)
 assert state.num_processes == 2, state

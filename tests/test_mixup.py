@@ -1,4 +1,4 @@
-"""sftmix.mixup: the Mixup loss against a per-token Python loop of SPEC.md's formula."""
+"""sftmix.loss: the Mixup loss against a per-token Python loop of the formula (README, "The method")."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from sftmix.mixup import align_mixup_tokens, count_mixed_tokens, mix_hidden_states, mixup_loss, sample_lambdas
+from sftmix.loss import align_mixup_tokens, count_mixed_tokens, mix_hidden_states, mixup_loss, sample_lambdas
 
 H, V = 6, 13
 
 
 def naive_mixup(hidden_c, labels_c, hidden_u, labels_u, lam, head, reduction="mean"):
-    """SPEC.md literally: list each example's loss-carrying positions, pair the k-th with the k-th."""
+    """The formula literally: list each example's loss-carrying positions, pair the k-th with the k-th."""
     terms = []
     for p in range(hidden_c.shape[0]):
         pos_c = [t for t in range(labels_c.shape[1]) if labels_c[p, t] != -100]

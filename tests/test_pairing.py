@@ -12,7 +12,8 @@ from torch.utils.data import BatchSampler
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from sftmix.errors import SFTMixError
-from sftmix.pairing import BalancedPairSampler, MixupRoleCollator, load_split, pair_rows
+from sftmix.pairing import BalancedPairSampler, MixupRoleCollator, pair_rows
+from sftmix.splits import load_split
 
 
 def write_dynamics(path, rows):

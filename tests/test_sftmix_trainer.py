@@ -13,7 +13,7 @@ from trl import SFTConfig, SFTTrainer
 
 from sftmix import SFTMixConfig, SFTMixTrainer
 from sftmix.errors import SFTMixError
-from sftmix.mixup import mixup_loss
+from sftmix.loss import mixup_loss
 
 COMMON = dict(
     learning_rate=1e-3,
@@ -275,9 +275,9 @@ def test_train_entry_point_resumes_to_the_same_result(tmp_path, tiny_llama_dir, 
     from safetensors.torch import load_file
     from trl import ModelConfig
 
-    import sftmix.pairing
+    import sftmix.splits
+    from sftmix.pipeline import train
     from sftmix.sftmix_config import DataArguments
-    from sftmix.sftmix_trainer import train
 
     rows = [
         {"messages": [{"role": "user", "content": f"question {i} " * (1 + i % 3)},
@@ -307,9 +307,9 @@ def test_train_entry_point_resumes_to_the_same_result(tmp_path, tiny_llama_dir, 
         )
 
     reads = []
-    real_iter_jsonl = sftmix.pairing.iter_jsonl
+    real_iter_jsonl = sftmix.splits.iter_jsonl
     monkeypatch.setattr(
-        sftmix.pairing, "iter_jsonl", lambda path, *a: reads.append(path) or real_iter_jsonl(path, *a)
+        sftmix.splits, "iter_jsonl", lambda path, *a: reads.append(path) or real_iter_jsonl(path, *a)
     )
     straight = run(tmp_path / "straight", 4)
     assert reads == [dynamics]  # parsed once: train() hands it to the trainer and its sampler
@@ -346,7 +346,7 @@ def test_same_seed_same_loss_curve(tmp_path, tiny_llama_dir, tokenizer, dataset,
     assert len(curves[0]) == 3 and curves[0] == curves[1]
 
 
-def test_trl_compute_loss_on_request_and_no_args(tmp_path, tiny_llama_dir, tokenizer, dataset):
+def test_trl_compute_loss_on_request_and_no_args(tmp_path, tiny_llama_dir, tokenizer, dataset, monkeypatch):
     trl_trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
         args=SFTConfig(output_dir=str(tmp_path / "trl"), **COMMON),
@@ -364,5 +364,57 @@ def test_trl_compute_loss_on_request_and_no_args(tmp_path, tiny_llama_dir, token
     )
     ours.train()
     assert losses(ours) == losses(trl_trainer)  # TRL's own compute_loss: identical to the bit
+    monkeypatch.chdir(
+        tmp_path
+    )  # without args the output dir is "<model name>-SFTMix" in the working directory
     bare = SFTMixTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir), train_dataset=dataset)
     assert bare.args.mixup_weight == 0.0  # like trl.SFTTrainer without args: plain NTP
+
+
+@pytest.mark.parametrize("form", ["messages", "prompt_completion", "conversational_prompt_completion"])
+def test_drop_in_on_a_plain_trl_dataset_without_ids(tmp_path, tiny_llama_dir, tokenizer, form):
+    """A TRL dataset as users have it (no id column): ids come from the content, as the CLI computes them."""
+    from datasets import Dataset
+
+    from sftmix.data import load_sft_dataset
+    from sftmix.sftmix_config import DataArguments
+
+    pairs = [(f"question {i} " * (1 + i % 3), f"answer number {i}" + "!" * (i % 4)) for i in range(8)]
+    if form == "messages":
+        rows = [
+            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in pairs
+        ]
+    elif form == "prompt_completion":
+        rows = [{"prompt": q, "completion": a} for q, a in pairs]
+    else:
+        rows = [
+            {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
+            for q, a in pairs
+        ]
+    # the CLI's ids for the same data in a file: its dynamics file must fit the Python dataset
+    data_file = tmp_path / "data.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cli_ids = load_sft_dataset(DataArguments(dataset_name=str(data_file)))["id"]
+    dynamics = tmp_path / "dynamics.jsonl"
+    dynamics.write_text(
+        "".join(
+            json.dumps({"id": i, "split": ["confident", "unconfident"][k % 2]}) + "\n"
+            for k, i in enumerate(cli_ids)
+        )
+    )
+    trainer = SFTMixTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+        args=SFTMixConfig(
+            output_dir=str(tmp_path / "out"),
+            dynamics_path=str(dynamics),
+            max_length=64,
+            **{**COMMON, "max_steps": 2},
+        ),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    assert sorted(trainer.train_dataset["id"]) == sorted(cli_ids)
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss_mixup" in e]
+    assert len(logs) == 2 and all(e["loss_mixup"] > 0 and e["mixed_tokens"] > 0 for e in logs)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data import load_sft_dataset, tokenize_sft_dataset
-from ..dynamics import LMHead, length_grouped_batches, response_nll_sums
+from ..scoring import LMHead, length_grouped_batches, response_nll_sums
 from ..sftmix_config import DataArguments
 from .calibration import calibration_metrics, example_calibration_rows, response_token_scores
 
@@ -32,7 +32,7 @@ def response_nll(
 ) -> list[tuple[float, int]]:
     """Summed NLL of the response tokens of each example, and how many there are.
 
-    The scoring of stage 1 (`sftmix.dynamics.response_nll_sums`): the LM head runs on response positions
+    The scoring of stage 1 (`sftmix.scoring.response_nll_sums`): the LM head runs on response positions
     only, through the fused head, so no ``[batch, positions, vocab]`` logits are built.
 
     Args:

@@ -1,4 +1,4 @@
-"""The Mixup regulariser of SFTMix on last-layer hidden states.
+"""The training loss of SFTMix: ``L = L_NTP + mu * L_mixup``, Mixup on last-layer hidden states.
 
 For a pair (c, u) of a confident and an unconfident example, the k-th loss-carrying position of c is aligned
 with the k-th loss-carrying position of u, for k < m = min(n_c, n_u) (response tokens, counted in order, gaps
@@ -6,21 +6,31 @@ between assistant turns included). Each aligned pair of positions gives one mixe
 
     z~ = lam * h_c + (1 - lam) * h_u,      loss = lam * CE(head(z~), y_c) + (1 - lam) * CE(head(z~), y_u)
 
-`align_mixup_tokens` finds the aligned positions for a whole batch of pairs at once (cumulative sums of the label
-masks, no Python loop over tokens), `mix_hidden_states` builds the mixed rows and their two targets, and
-`mixup_loss` is the reference loss of SPEC.md with any head. The trainer feeds the rows of `mix_hidden_states`
-to the fused head of `sftmix.head` instead of calling `mixup_loss`.
+Top to bottom: `align_mixup_tokens` finds the aligned positions for a whole batch of pairs at once (cumulative
+sums of the label masks, no Python loop over tokens), `mix_hidden_states` builds the mixed rows and their two
+targets, `sample_lambdas` draws ``lam ~ Beta(alpha, alpha)``. `sftmix_head_loss` is the loss that trains: the
+NTP rows and the mixed rows of a micro-batch through ONE call of the fused head of `sftmix.head`, and
+`add_sftmix_head` puts it inside the model's forward (so DDP, FSDP and ZeRO-3 see it). `mixup_loss` is the
+plain reference formula (the README's "The method"), with any head: the tests check the fused loss against it.
 """
 
 from __future__ import annotations
 
+import functools
+import types
 from collections.abc import Callable
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import ModelOutput
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-IGNORE_INDEX = -100
+from .data import IGNORE_INDEX
+from .head import fused_linear_cross_entropy, lm_head_parameters, lm_head_transform
+from .pairing import pair_rows
 
 
 class MixupAlignment(NamedTuple):
@@ -137,7 +147,7 @@ def mixup_loss(
     head: Callable[[torch.Tensor], torch.Tensor],
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """SFTMix's Mixup loss of P confident/unconfident pairs (SPEC.md, interface contract).
+    """SFTMix's Mixup loss of P confident/unconfident pairs (the README's "The method"; the package exports it).
 
     Args:
         hidden_c: ``[P, T, H]`` last-layer hidden states (after the final norm) of the confident member of each
@@ -203,3 +213,132 @@ def sample_lambdas(
     else:
         raise ValueError(f"per must be 'pair' or 'batch', got {per!r}")
     return torch.from_numpy(np.asarray(draws, dtype=np.float32))
+
+
+@dataclass
+class SFTMixOutput(ModelOutput):
+    """What the patched forward returns with ``sftmix=...``. Only ``loss`` carries a gradient.
+
+    Args:
+        loss: ``ntp_weight * sum NLL + mixup_weight * sum (lam CE(y_c) + (1 - lam) CE(y_u))``.
+        ntp_nll_sum: Summed NLL of the response tokens.
+        ntp_tokens: Number of response tokens.
+        mixup_ce_sum: Summed Mixup cross-entropy of the mixed tokens.
+        mixed_tokens: Number of mixed tokens.
+        entropy_sum: Summed entropy of the next-token distributions of the response tokens.
+        num_correct: Response tokens predicted top-1.
+    """
+
+    loss: torch.Tensor | None = None
+    ntp_nll_sum: torch.Tensor | None = None
+    ntp_tokens: torch.Tensor | None = None
+    mixup_ce_sum: torch.Tensor | None = None
+    mixed_tokens: torch.Tensor | None = None
+    entropy_sum: torch.Tensor | None = None
+    num_correct: torch.Tensor | None = None
+
+
+def sftmix_head_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ntp_weight: torch.Tensor | float,
+    mixup_weight: torch.Tensor | float = 0.0,
+    mixup_role: torch.Tensor | None = None,
+    lambdas: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+) -> SFTMixOutput:
+    """NTP + Mixup loss of a micro-batch from its shifted hidden states, through one fused head call.
+
+    Args:
+        hidden: ``[B, T, H]`` last hidden states, shifted: ``hidden[:, t]`` predicts ``labels[:, t]``.
+        labels: ``[B, T]`` shifted labels, ``-100`` where no loss is carried.
+        weight: ``[V, H]`` LM head weight.
+        bias: Optional ``[V]`` LM head bias.
+        ntp_weight: Weight of each response token's NLL (``1 / num_items_in_batch``, times processes).
+        mixup_weight: Weight of each mixed token's cross-entropy (``mu / mixed tokens``, times processes).
+        mixup_role: ``[B]`` 1 confident / 0 unconfident per row; None for NTP only.
+        lambdas: ``[B / 2]`` lambda of each pair (the k-th confident row with the k-th unconfident row).
+        chunk_size: Rows per chunk of the fused head.
+        logit_scale: The model's logit multiplier.
+        softcap: The model's final logit soft-cap.
+    """
+    mask = labels != IGNORE_INDEX
+    rows, targets = [hidden[mask]], [labels[mask]]
+    num_ntp = rows[0].shape[0]
+    ntp_w = torch.as_tensor(ntp_weight, dtype=torch.float32, device=hidden.device).expand(num_ntp)
+    weights, targets2, weights2 = [ntp_w], [targets[0]], [torch.zeros_like(ntp_w)]
+    lam = None
+    if mixup_role is not None:
+        rows_c, rows_u = pair_rows(mixup_role)
+        mixed = mix_hidden_states(hidden[rows_c], labels[rows_c], hidden[rows_u], labels[rows_u], lambdas)
+        lam = mixed.lam
+        mix_w = torch.as_tensor(mixup_weight, dtype=torch.float32, device=hidden.device)
+        rows.append(mixed.hidden.to(hidden.dtype))
+        targets.append(mixed.targets_c)
+        weights.append(mix_w * lam)
+        targets2.append(mixed.targets_u)
+        weights2.append(mix_w * (1 - lam))
+    out = fused_linear_cross_entropy(
+        torch.cat(rows),
+        weight,
+        torch.cat(targets),
+        torch.cat(weights),
+        bias,
+        torch.cat(targets2),
+        torch.cat(weights2),
+        chunk_size=chunk_size,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        with_stats=True,
+        stats_rows=num_ntp,
+    )
+    mixup_ce = (lam * out.ce[num_ntp:] + (1 - lam) * out.ce2[num_ntp:]).sum() if lam is not None else None
+    return SFTMixOutput(
+        loss=out.loss,
+        ntp_nll_sum=out.ce[:num_ntp].sum(),
+        ntp_tokens=mask.sum(),
+        mixup_ce_sum=mixup_ce if mixup_ce is not None else out.ce.new_zeros(()),
+        mixed_tokens=torch.as_tensor(out.ce.shape[0] - num_ntp, device=hidden.device),
+        entropy_sum=out.entropy[:num_ntp].sum(),
+        num_correct=out.is_top1[:num_ntp].sum(),
+    )
+
+
+def add_sftmix_head(model: PreTrainedModel) -> None:
+    """Patch ``model.forward``: ``model(input_ids, attention_mask, labels=labels, sftmix={...})`` returns an
+    `SFTMixOutput` computed inside the forward from the backbone's last hidden states.
+
+    The keys of ``sftmix`` are the keyword arguments of `sftmix_head_loss` after ``bias`` (``ntp_weight``,
+    ``mixup_weight``, ``mixup_role``, ``lambdas``, ``chunk_size``). Without ``sftmix`` the previous forward runs
+    (TRL's fused forward, or the model's own), so generation and TRL's evaluation are unchanged. Patch the base
+    model under PEFT, after TRL's ``add_fused_lm_head``.
+    """
+    previous_forward = model.forward
+    logit_scale, softcap = lm_head_transform(model)
+
+    @functools.wraps(type(model).forward)
+    def _sftmix_forward(self, *args, sftmix: dict[str, Any] | None = None, **kwargs):
+        if sftmix is None:
+            return previous_forward(*args, **kwargs)
+        labels = kwargs.pop("labels")
+        kwargs["use_cache"] = False
+        # Looked up on each call: FSDP and PEFT replace modules after patching
+        backbone_outputs = self.base_model(*args, **kwargs)
+        weight, bias = lm_head_parameters(self)
+        hidden = backbone_outputs.last_hidden_state[:, :-1].to(weight.device)
+        with maybe_gather_lm_head_ctx(weight, bias):
+            return sftmix_head_loss(
+                hidden,
+                labels[:, 1:].to(weight.device),
+                weight,
+                bias,
+                logit_scale=logit_scale,
+                softcap=softcap,
+                **sftmix,
+            )
+
+    model.forward = types.MethodType(_sftmix_forward, model)

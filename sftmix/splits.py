@@ -1,0 +1,246 @@
+"""The split file ``dynamics.jsonl``: the method's arithmetic, the one writer and the one reader.
+
+SFTMix's stage 2, from the ``[N, C]`` perplexities ``Perp_c(i)`` of N examples at C reference checkpoints:
+
+- `confidence_scores`: ``Confidence(i) = -(1/C) sum_c Perp_c(i)``;
+- `median_split`: the top half by confidence is confident (`CONFIDENT`), the rest unconfident (`UNCONFIDENT`);
+- `variability_scores`: the std of ``Perp_c(i)`` over c, the x axis of the data map (the split ignores it).
+
+`build_dynamics_rows` makes the file's rows (one JSON object per example: ``id``, ``index``, ``perplexities``,
+``confidence``, ``variability``, ``split``, ``num_response_tokens``) and `write_dynamics` writes them atomically;
+`read_dynamics` is the reader everything else uses (the trainer, the data map, the efficacy study), with
+`read_dynamics_splits` / `align_split` / `load_split` for the ``{id: is_confident}`` view of stage 3.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import SFTMixError
+from .io_utils import atomic_write_jsonl, iter_jsonl
+
+CONFIDENT, UNCONFIDENT = "confident", "unconfident"
+SPLITS = (CONFIDENT, UNCONFIDENT)
+SIGNIFICANT_DIGITS = 8
+"""Floats in ``dynamics.jsonl`` are rounded to this many significant digits (fixed, byte-stable output)."""
+
+
+def confidence_scores(perplexities: Any) -> np.ndarray:
+    """Confidence of each example: minus its perplexity averaged over the C checkpoints.
+
+    Args:
+        perplexities: ``[N, C]`` array-like, ``Perp_c(i)`` for example ``i`` at checkpoint ``c``.
+
+    Returns:
+        ``[N]`` float64 array, ``-(1/C) * sum_c Perp_c(i)``; higher means more confident.
+
+    >>> confidence_scores([[2.0, 4.0], [1.5, 1.5], [10.0, 6.0]]).tolist()
+    [-3.0, -1.5, -8.0]
+    """
+    perplexities = np.asarray(perplexities, dtype=np.float64)
+    if perplexities.ndim != 2 or perplexities.shape[1] == 0:
+        raise ValueError(f"perplexities must be [N, C] with C >= 1, got shape {perplexities.shape}")
+    if not np.isfinite(perplexities).all():
+        raise ValueError("perplexities must be finite")
+    return -perplexities.mean(axis=1)
+
+
+def median_split(confidences: Any) -> np.ndarray:
+    """Split at the median: True for the confident half (``D^c``), False for the rest (``D^u``).
+
+    Examples are sorted by confidence, highest first; the first ``N // 2`` are confident. Ties are broken by
+    dataset order: of two examples with equal confidence the earlier one ranks higher (and is the one that
+    lands in the confident half when the tie straddles the median). With odd ``N`` the extra example goes to
+    the unconfident set, so exactly ``N // 2`` examples are confident.
+
+    Args:
+        confidences: ``[N]`` array-like of confidences (e.g. from `confidence_scores`).
+
+    Returns:
+        ``[N]`` boolean numpy array in dataset order.
+
+    >>> median_split([-3.0, -1.5, -8.0, -2.0]).tolist()
+    [False, True, False, True]
+    >>> median_split([-1.0, -1.0, -1.0]).tolist()  # odd N, all tied: the earliest example wins
+    [True, False, False]
+    """
+    confidences = np.asarray(confidences, dtype=np.float64)
+    if confidences.ndim != 1:
+        raise ValueError(f"confidences must be 1-D, got shape {confidences.shape}")
+    if np.isnan(confidences).any():
+        raise ValueError("confidences must not be NaN")
+    n = len(confidences)
+    # lexsort sorts by the last key first: descending confidence, then ascending dataset index.
+    ranking = np.lexsort((np.arange(n), -confidences))
+    confident = np.zeros(n, dtype=bool)
+    confident[ranking[: n // 2]] = True
+    return confident
+
+
+def variability_scores(perplexities: Any) -> np.ndarray:
+    """Variability of each example across checkpoints: the standard deviation of ``Perp_c(i)`` over c.
+
+    This is Dataset Cartography's variability (the population std, ``ddof=0``, of the per-epoch measure whose
+    mean is the confidence), applied to the measure SFTMix averages: perplexity. It is the x axis of the data
+    map; the split does not use it.
+
+    >>> variability_scores([[2.0, 4.0], [1.5, 1.5]]).tolist()
+    [1.0, 0.0]
+    """
+    perplexities = np.asarray(perplexities, dtype=np.float64)
+    if perplexities.ndim != 2 or perplexities.shape[1] == 0:
+        raise ValueError(f"perplexities must be [N, C] with C >= 1, got shape {perplexities.shape}")
+    return perplexities.std(axis=1)
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.{SIGNIFICANT_DIGITS}g}")
+
+
+def build_dynamics_rows(
+    ids: Sequence[str], indices: Sequence[int], perplexities: np.ndarray, num_tokens: Sequence[int]
+) -> list[dict[str, Any]]:
+    """The ``dynamics.jsonl`` rows. Perplexities are rounded first and everything else is computed from the
+    rounded values, so `confidence_scores` and `median_split` on the file's own numbers reproduce its split."""
+    bad = [ids[i] for i in np.flatnonzero(~np.isfinite(perplexities).all(axis=1))]
+    if bad:
+        raise SFTMixError(f"example {bad[0]} has no response token to score ({len(bad)} such examples)")
+    rounded = np.vectorize(_round)(perplexities)
+    confidence = np.array([_round(c) for c in confidence_scores(rounded)])
+    confident = median_split(confidence)
+    variability = variability_scores(rounded)
+    return [
+        {
+            "id": ids[i],
+            "index": int(indices[i]),
+            "perplexities": rounded[i].tolist(),
+            "confidence": float(confidence[i]),
+            "variability": _round(variability[i]),
+            "split": CONFIDENT if confident[i] else UNCONFIDENT,
+            "num_response_tokens": int(num_tokens[i]),
+        }
+        for i in range(len(ids))
+    ]
+
+
+def summarize_dynamics(rows: list[dict[str, Any]], checkpoints: Sequence[Path | str]) -> dict[str, Any]:
+    """Counts, checkpoint list and confidence statistics of a dynamics file (``dynamics_summary.json``)."""
+    confidence = np.array([row["confidence"] for row in rows])
+    perplexities = np.array([row["perplexities"] for row in rows])
+    quantiles = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+    steps = [re.fullmatch(r"checkpoint-(\d+)", Path(c).name) for c in checkpoints]
+    n_confident = sum(row["split"] == CONFIDENT for row in rows)
+    return {
+        "num_examples": len(rows),
+        "num_checkpoints": len(checkpoints),
+        "checkpoints": [str(c) for c in checkpoints],
+        "checkpoint_steps": [int(m.group(1)) if m else None for m in steps],
+        "num_confident": n_confident,
+        "num_unconfident": len(rows) - n_confident,
+        "confidence_mean": _round(confidence.mean()),
+        "confidence_std": _round(confidence.std()),
+        "confidence_quantiles": {
+            f"q{round(q * 100):02d}": _round(np.quantile(confidence, q)) for q in quantiles
+        },
+        "mean_perplexity_per_checkpoint": [_round(p) for p in perplexities.mean(axis=0)],
+        "variability_mean": _round(np.mean([row["variability"] for row in rows])),
+    }
+
+
+def write_dynamics(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
+    """Write `build_dynamics_rows` to ``path`` atomically (a reader never sees half a file)."""
+    return atomic_write_jsonl(Path(path), rows)
+
+
+def _check_finite(value: Any, field: str, where: str) -> None:
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise SFTMixError(f"{where}: field '{field}' must hold finite numbers, got {v!r}")
+
+
+def read_dynamics(
+    dynamics_path: str | Path, require: Sequence[str] = ("id", "split")
+) -> list[dict[str, Any]]:
+    """The rows of a ``dynamics.jsonl``, each validated: the fields of ``require`` present, ``split`` one of
+    `SPLITS`, ``confidence`` and ``perplexities`` finite, ids unique. Any problem is a one-line `SFTMixError`
+    naming the file and line."""
+    path = Path(dynamics_path)
+    if not path.is_file():
+        raise SFTMixError(
+            f"dynamics file not found: {path} (run `sftmix dynamics` first, or set dynamics_path)"
+        )
+    rows, seen = [], set()
+    for lineno, row in iter_jsonl(path):
+        where = f"{path}: line {lineno}"
+        for key in require:
+            if key not in row:
+                raise SFTMixError(f"{where}: missing field '{key}'")
+        if "split" in row and row["split"] not in SPLITS:
+            raise SFTMixError(
+                f"{where}: field 'split' must be 'confident' or 'unconfident', got {row['split']!r}"
+            )
+        for key in ("confidence", "perplexities"):
+            if key in row:
+                _check_finite(row[key], key, where)
+        if "id" in row:
+            if str(row["id"]) in seen:
+                raise SFTMixError(f"{where}: duplicate id {str(row['id'])!r}")
+            seen.add(str(row["id"]))
+        rows.append(row)
+    if not rows:
+        raise SFTMixError(f"{path}: holds no examples")
+    return rows
+
+
+def read_dynamics_splits(dynamics_path: str | Path) -> dict[str, bool]:
+    """``{id: is_confident}`` of a ``dynamics.jsonl`` (`read_dynamics`)."""
+    return {str(row["id"]): row["split"] == CONFIDENT for row in read_dynamics(dynamics_path)}
+
+
+def load_split(dynamics_path: str | Path, ids: Sequence[str]) -> np.ndarray:
+    """The confident/unconfident split of the training examples ``ids``, from a ``dynamics.jsonl``.
+
+    Args:
+        dynamics_path: The file written by ``sftmix dynamics`` (one JSON object per example with ``id`` and
+            ``split``; ``confidence`` and ``perplexities`` are checked to be finite when present).
+        ids: The ``id`` column of the training dataset, in dataset order. The file may hold more ids (e.g.
+            examples dropped by truncation), but never fewer.
+
+    Returns:
+        ``np.ndarray[bool]`` aligned with ``ids``: True for confident examples.
+
+    Raises:
+        SFTMixError: the file is missing or malformed, misses ids of the dataset, belongs to another dataset, or
+            leaves one half empty.
+    """
+    return align_split(read_dynamics_splits(dynamics_path), ids, dynamics_path)
+
+
+def align_split(splits: Mapping[str, bool], ids: Sequence[str], dynamics_path: str | Path) -> np.ndarray:
+    """`load_split` from the ``{id: is_confident}`` of `read_dynamics_splits`, so a caller that needs both
+    reads the file once; ``dynamics_path`` (where ``splits`` came from) is named in the errors."""
+    missing = [i for i in ids if str(i) not in splits]
+    if missing and len(missing) == len(ids):
+        raise SFTMixError(
+            f"{dynamics_path} is for another dataset: none of the {len(ids)} training example ids is in it "
+            f"(first: {missing[0]!r}); run `sftmix dynamics` on this dataset"
+        )
+    if missing:
+        raise SFTMixError(
+            f"{dynamics_path} has no entry for {len(missing)} of the {len(ids)} training examples (first: "
+            f"{missing[0]!r}); run `sftmix dynamics` on the same dataset, selection and max_length"
+        )
+    confident = np.array([splits[str(i)] for i in ids], dtype=bool)
+    if confident.all() or not confident.any():
+        half = "confident" if confident.all() else "unconfident"
+        raise SFTMixError(
+            f"{dynamics_path}: all {len(ids)} training examples are {half}; Mixup needs both halves"
+        )
+    return confident
