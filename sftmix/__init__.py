@@ -3,7 +3,7 @@
 >>> from sftmix import SFTMixConfig, SFTMixTrainer  # drop-in for trl.SFTConfig / trl.SFTTrainer
 
 The names of the public interface (README, "Python"), imported lazily so that ``sftmix --help`` stays fast:
-`SFTMixConfig`, `SFTMixTrainer`, `confidence_scores`, `median_split`, `mixup_loss`.
+`SFTMixConfig`, `SFTMixTrainer`, `DynamicsCallback`, `confidence_scores`, `median_split`, `mixup_loss`.
 """
 
 from __future__ import annotations
@@ -15,14 +15,24 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "SFTMixConfig": "sftmix_config",
     "SFTMixTrainer": "sftmix_trainer",
+    "DynamicsCallback": "online",
     "confidence_scores": "splits",
     "median_split": "splits",
     "mixup_loss": "loss",
 }
-__all__ = ["SFTMixConfig", "SFTMixTrainer", "__version__", "confidence_scores", "median_split", "mixup_loss"]
+__all__ = [
+    "DynamicsCallback",
+    "SFTMixConfig",
+    "SFTMixTrainer",
+    "__version__",
+    "confidence_scores",
+    "median_split",
+    "mixup_loss",
+]
 
 if TYPE_CHECKING:
     from .loss import mixup_loss
+    from .online import DynamicsCallback
     from .sftmix_config import SFTMixConfig
     from .sftmix_trainer import SFTMixTrainer
     from .splits import confidence_scores, median_split

@@ -23,7 +23,7 @@ logger = logging.getLogger("sftmix")
 
 COMMANDS = {
     "dynamics": "Stages 1-2: train a reference model with NTP, score C checkpoints, split by confidence.",
-    "train": "Stage 3: Mixup-regularised SFT of the target model from a dynamics file.",
+    "train": "Stage 3: Mixup-regularised SFT of the target model (stage 1 first when no dynamics_path is given).",
     "run": "Stages 1 to 3 in one go (one output_dir: dynamics, final model, logs).",
     "eval": "Evaluate models: medical multiple choice, IFEval, perplexity, MT-Bench/AlpacaEval answers.",
     "datamap": "Draw the data map (confidence vs variability) of a dynamics.jsonl.",
@@ -41,13 +41,13 @@ class _Parser(argparse.ArgumentParser):
 def _dataclasses_for(command: str) -> list[type]:
     from trl import ModelConfig
 
-    from .sftmix_config import DataArguments, DynamicsArguments, EvalArguments, SFTMixConfig
+    from .sftmix_config import DataArguments, EvalArguments, SFTMixConfig
 
     return {
-        "dynamics": [DataArguments, DynamicsArguments, ModelConfig, SFTMixConfig],
+        "dynamics": [DataArguments, ModelConfig, SFTMixConfig],
         "train": [DataArguments, ModelConfig, SFTMixConfig],
-        "run": [DataArguments, DynamicsArguments, ModelConfig, SFTMixConfig],
-        "demo": [DataArguments, DynamicsArguments, ModelConfig, SFTMixConfig],
+        "run": [DataArguments, ModelConfig, SFTMixConfig],
+        "demo": [DataArguments, ModelConfig, SFTMixConfig],
         "eval": [EvalArguments],
     }[command]
 
@@ -132,10 +132,10 @@ def _setup_logging() -> None:
 
 
 def _cmd_dynamics(argv: Sequence[str]) -> None:
-    data_args, dyn_args, model_args, training_args = parse_config("dynamics", argv)
+    data_args, model_args, training_args = parse_config("dynamics", argv)
     from .dynamics import run_dynamics
 
-    run_dynamics(model_args, data_args, dyn_args, training_args)
+    run_dynamics(model_args, data_args, training_args)
 
 
 def _cmd_train(argv: Sequence[str]) -> None:
@@ -146,10 +146,10 @@ def _cmd_train(argv: Sequence[str]) -> None:
 
 
 def _cmd_run(argv: Sequence[str]) -> None:
-    data_args, dyn_args, model_args, training_args = parse_config("run", argv)
+    data_args, model_args, training_args = parse_config("run", argv)
     from .pipeline import run_pipeline
 
-    run_pipeline(model_args, data_args, dyn_args, training_args)
+    run_pipeline(model_args, data_args, training_args)
 
 
 def _cmd_demo(argv: Sequence[str]) -> None:
@@ -157,12 +157,22 @@ def _cmd_demo(argv: Sequence[str]) -> None:
 
     from .demo import demo_defaults, write_demo_data
 
-    data_args, dyn_args, model_args, training_args = parse_config("demo", argv, demo_defaults())
+    data_args, model_args, training_args = parse_config("demo", argv, demo_defaults())
     if data_args.dataset_name is None:  # the generated demo data, unless the user gave a dataset
         data_args.dataset_name = str(write_demo_data(Path(training_args.output_dir) / "demo_data.jsonl"))
     from .pipeline import run_pipeline
 
-    run_pipeline(model_args, data_args, dyn_args, training_args)
+    run_pipeline(model_args, data_args, training_args)
+
+
+def _dry_run(command: str, argv: Sequence[str]) -> None:
+    """``--dry_run``: validate the config and print the resolved settings, the stages and their cost."""
+    import json
+
+    data_args, model_args, training_args = parse_config(command, argv)
+    from .plan import plan
+
+    print(json.dumps(plan(command, model_args, data_args, training_args), indent=1, default=str))
 
 
 def _cmd_eval(argv: Sequence[str]) -> None:
@@ -223,8 +233,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         HfArgumentParser(_dataclasses_for(command), prog=f"sftmix {command}").print_help()
         return 0
     _setup_logging()
+    dry_run = command in ("run", "train", "dynamics") and "--dry_run" in rest
     try:
-        HANDLERS[command](rest)
+        if dry_run:
+            _dry_run(command, [a for a in rest if a != "--dry_run"])
+        else:
+            HANDLERS[command](rest)
     except SFTMixError as e:
         print(f"sftmix: error: {e}", file=sys.stderr)
         return 2

@@ -45,7 +45,11 @@ def draw_datamap(dynamics_path: str | Path, output_path: str | Path, title: str 
     rows = read_dynamics(dynamics_path, require=("confidence", "split", "perplexities"))
     confidence = np.array([row["confidence"] for row in rows], dtype=np.float64)
     variability = np.array(
-        [row.get("variability", np.std(row["perplexities"])) for row in rows], dtype=np.float64
+        [
+            row["variability"] if "variability" in row else np.std(row["perplexities"] or [0.0])
+            for row in rows
+        ],
+        dtype=np.float64,
     )
     split = np.array([row["split"] for row in rows])
     num_checkpoints = len(rows[0]["perplexities"])

@@ -1,19 +1,18 @@
-"""Stages 1 and 2 driver (``sftmix dynamics``): reference run, scoring, ``dynamics.jsonl`` and the data map.
+"""``sftmix dynamics``: stages 1 and 2 as a program of their own, from a data file to ``dynamics.jsonl``.
 
-`run_dynamics`, resumably: trains the reference model (`sftmix.reference.train_reference`, plain next-token
-prediction, C checkpoints evenly spaced through the run), scores every checkpoint (`sftmix.scoring`) into one
-scores file per checkpoint as soon as it is scored, then computes confidence and the median split
-(`sftmix.splits`) and writes ``dynamics.jsonl``, ``dynamics_summary.json`` and the data map ``datamap.png``.
+`run_dynamics` loads and tokenizes the data with the reference model's tokenizer, then makes the split with the
+``reference`` scorer (`sftmix.reference.train_reference`: a plain-NTP run scored in-process at C steps), ``base``
+(one no-grad pass of the model) or ``random``, or scores existing checkpoints (``score_checkpoints``); every
+checkpoint's scores go to a file of their own as soon as they exist, and `sftmix.scorers.write_stage1` writes
+``dynamics.jsonl``, ``dynamics_summary.json`` and the data map. (``warmup`` and ``online`` make the split while the
+target trains: `sftmix.SFTMixTrainer` runs them.)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import gc
-import json
 import logging
 import re
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,17 +22,17 @@ from accelerate import PartialState
 from datasets import Dataset
 from peft import PeftConfig, PeftModel
 from transformers import PreTrainedModel
+from trl import get_peft_config
 
 from .data import dataset_fingerprint, load_sft_dataset, tokenize_sft_dataset
-from .datamap import draw_datamap
 from .distributed import check_process_group
 from .errors import SFTMixError
-from .io_utils import atomic_write_json
 from .models import load_model, load_tokenizer, resolve_model
 from .reference import train_reference
+from .scorers import SCORES_DIR, random_confidence, read_scores, write_scores, write_stage1
 from .scoring import response_token_counts, score_checkpoint
 from .selection import apply_selection
-from .splits import build_dynamics_rows, summarize_dynamics, write_dynamics
+from .sftmix_trainer import SFTMixTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +61,10 @@ def _load_for_scoring(path: Path, dtype: str | None) -> PreTrainedModel:
     return load_model(str(path), dtype=dtype)
 
 
-def _scoring_dtype(dyn_args: Any, training_args: Any, dtype: str | None) -> str | None:
+def _scoring_dtype(training_args: Any, dtype: str | None) -> str | None:
     """``scoring_dtype``; ``auto``: bf16 weights when training in bf16 (a no-grad forward in bf16 weights is 15-30%
     faster on CPU than under autocast, and ranking examples needs no more precision), else the model's dtype."""
-    choice = getattr(dyn_args, "scoring_dtype", "auto")
+    choice = getattr(training_args, "scoring_dtype", "auto")
     if choice != "auto":
         return choice
     return "bfloat16" if getattr(training_args, "bf16", False) else dtype
@@ -76,11 +75,11 @@ def _score_all(
     dataset: Dataset,
     fingerprint: str,
     scores_dir: Path,
-    dyn_args: Any,
     training_args: Any,
     dtype: str | None,
 ) -> np.ndarray:
-    """``[N, C]`` perplexities; each checkpoint's scores are read from, or written to, ``scores_dir``.
+    """``[N, C]`` perplexities of saved checkpoints (``score_checkpoints``); each checkpoint's scores are read from,
+    or written to, ``scores_dir``.
 
     A scores file is reused only if it was made from the same data (``fingerprint``, the `dataset_fingerprint`
     of ``dataset``) and the same checkpoint: named relative to the output dir when it lies inside it (so a moved
@@ -89,61 +88,54 @@ def _score_all(
     state = PartialState()
     columns = []
     for path, name in zip(checkpoints, _checkpoint_names(checkpoints), strict=True):
-        checkpoint_key = _checkpoint_key(path, scores_dir.parent)
-        scores_file = scores_dir / f"{name}.json"
-        if scores_file.is_file():
-            saved = json.loads(scores_file.read_text(encoding="utf-8"))
-            if saved.get("fingerprint") == fingerprint and saved.get("checkpoint") == checkpoint_key:
-                logger.info("Reusing the scores of %s from %s", path, scores_file)
-                columns.append(np.asarray(saved["perplexities"], dtype=np.float64))
-                continue
-            logger.warning("%s was made from other data or another checkpoint: scoring again", scores_file)
-        model = _load_for_scoring(path, _scoring_dtype(dyn_args, training_args, dtype)).to(state.device)
-        perplexities = score_checkpoint(
-            model,
-            dataset,
-            dyn_args.scoring_batch_size,
-            chunk_size=getattr(training_args, "head_chunk_size", 1024),
-            bf16=bool(getattr(training_args, "bf16", False)),
-            desc=f"Scoring {name}",
-        )
-        del model
-        gc.collect()
-        if state.is_main_process:
-            record = {"checkpoint": checkpoint_key, "fingerprint": fingerprint, "ids": list(dataset["id"])}
-            atomic_write_json(scores_file, {**record, "perplexities": perplexities.tolist()})
-        state.wait_for_everyone()
-        columns.append(perplexities)
+        key = _checkpoint_key(path, scores_dir.parent)
+        values = read_scores(scores_dir / f"{name}.json", fingerprint, key)
+        if values is None:
+            model = _load_for_scoring(path, _scoring_dtype(training_args, dtype)).to(state.device)
+            values = score_checkpoint(
+                model,
+                dataset,
+                training_args.scoring_batch_size,
+                chunk_size=getattr(training_args, "head_chunk_size", 1024),
+                bf16=bool(getattr(training_args, "bf16", False)),
+                desc=f"Scoring {name}",
+            )
+            del model
+            gc.collect()
+            write_scores(scores_dir / f"{name}.json", fingerprint, key, dataset["id"], values)
+        columns.append(values)
     return np.stack(columns, axis=1)
 
 
 def run_dynamics(
-    model_args: Any,
-    data_args: Any,
-    dyn_args: Any,
-    training_args: Any,
-    trainer_cls: type | None = None,
+    model_args: Any, data_args: Any, training_args: Any, trainer_cls: type | None = None
 ) -> Path:
-    """Stage 1 and 2: confidence of every training example and the median split; returns ``dynamics.jsonl``.
+    """Stages 1 and 2 (``sftmix dynamics``): confidence of every training example and the median split.
 
     Args:
         model_args: `trl.ModelConfig`; ``model_name_or_path`` is the target (and, by default, the reference).
         data_args: `sftmix.sftmix_config.DataArguments` (dataset, format, ``max_examples``, ``selection``).
-        dyn_args: `sftmix.sftmix_config.DynamicsArguments` (C, reference model, epochs, checkpoints to score).
-        training_args: `sftmix.SFTMixConfig`: ``output_dir``, ``max_length`` and the reference run's settings.
+        training_args: `sftmix.SFTMixConfig`: ``output_dir``, ``max_length``, the reference run's settings and
+            stage 1's (``confidence_scorer``: ``reference``, ``base`` or ``random`` here; ``num_checkpoints``,
+            ``reference_model_name_or_path``, ``score_checkpoints``...).
         trainer_cls: The reference run's trainer class (default `SFTMixTrainer`, NTP only).
 
-    Writes to ``output_dir``: ``reference/checkpoint-*`` (unless ``score_checkpoints`` is given),
-    ``scores/ckpt-*.json`` (one per checkpoint, written as each is scored), ``dynamics.jsonl``,
-    ``dynamics_summary.json`` and ``datamap.png``. Rerunning the same command after a crash resumes the
-    reference run from its latest checkpoint, reuses the scores already written and ends with the same bytes.
+    Writes to ``output_dir``: ``scores/ckpt-*.json`` (one per checkpoint, written as each is scored),
+    ``dynamics.jsonl``, ``dynamics_summary.json`` and ``datamap.png`` (`sftmix.scorers.write_stage1`), and the
+    reference run's marker and logs in ``reference/``. Rerunning the same command after a crash reuses the
+    checkpoints already scored and ends with the same bytes. Returns the ``dynamics.jsonl`` path.
     """
     _ = training_args.device  # sets up accelerate's state as the Trainer will (CPU / backend / process group)
     state = PartialState()
     check_process_group(state, training_args.world_size)  # before anything is written
     output_dir = Path(training_args.output_dir)
-    reference = dyn_args.reference_model_name_or_path or model_args.model_name_or_path
-    given = [Path(p.strip()) for p in (dyn_args.score_checkpoints or "").split(",") if p.strip()]
+    scorer = training_args.confidence_scorer
+    if scorer in ("warmup", "online"):
+        raise SFTMixError(
+            f"confidence_scorer={scorer} makes the split while the target trains: use `sftmix train` or `sftmix run`"
+        )
+    reference = training_args.reference_model_name_or_path or model_args.model_name_or_path
+    given = [Path(p.strip()) for p in (training_args.score_checkpoints or "").split(",") if p.strip()]
     if not given and not reference:
         raise SFTMixError("set model_name_or_path (or reference_model_name_or_path, or score_checkpoints)")
     for path in given:
@@ -163,54 +155,33 @@ def run_dynamics(
         selected, tokenizer, training_args.max_length, getattr(training_args, "truncation_mode", "keep_start")
     )
     fingerprint = dataset_fingerprint(dataset)  # hashed once: the reference run and the scores files use it
-
-    if given:
-        checkpoints = given
-    else:
-        reference_model_args = dataclasses.replace(model_args, model_name_or_path=reference)
-        checkpoints = train_reference(
-            reference_model_args,
-            dataset,
-            tokenizer,
-            dyn_args.num_checkpoints,
-            training_args,
-            output_dir / "reference",
-            epochs=dyn_args.reference_epochs,
-            trainer_cls=trainer_cls,
-            fingerprint=fingerprint,
-        )
-    perplexities = _score_all(
-        checkpoints, dataset, fingerprint, output_dir / "scores", dyn_args, training_args, model_args.dtype
-    )
-
     ids = list(dataset["id"])
-    rows = build_dynamics_rows(ids, [row_of[i] for i in ids], perplexities, response_token_counts(dataset))
-    summary = summarize_dynamics(rows, checkpoints)
-    summary["reference_model"] = (
-        None if given else (dyn_args.reference_model_name_or_path or model_args.model_name_or_path)
-    )
-    dynamics_path = output_dir / "dynamics.jsonl"
-    if state.is_main_process:
-        write_dynamics(dynamics_path, rows)
-        atomic_write_json(output_dir / "dynamics_summary.json", summary)
-        logger.info("Stage 1-2 summary: %s", json.dumps(summary, sort_keys=True))
-        name = Path(summary["reference_model"] or given[-1]).name
-        draw_datamap(dynamics_path, output_dir / "datamap.png", title=f"SFTMix data map of {name}")
-        if not given and not dyn_args.keep_reference_optimizer:
-            _drop_optimizer_states(checkpoints)
-    state.wait_for_everyone()
-    return dynamics_path
-
-
-def _drop_optimizer_states(checkpoints: list[Path]) -> None:
-    """Delete the optimizer states of complete reference checkpoints (2/3 of their size with AdamW).
-
-    Only a resume of the reference run reads them, and the run is complete (its marker says so, so a rerun
-    does not train again); scoring reads the weights, which stay.
-    """
-    for checkpoint in checkpoints:
-        for path in checkpoint.glob("optimizer*"):  # optimizer.pt; FSDP: optimizer_0/, sharded files
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+    confidence = None
+    if given:
+        scorer = "checkpoints"
+        checkpoints = [str(p) for p in given]
+        perplexities = _score_all(
+            given, dataset, fingerprint, output_dir / SCORES_DIR, training_args, model_args.dtype
+        )
+    elif scorer == "reference":
+        perplexities, steps = train_reference(
+            reference, dataset, dataset, tokenizer, training_args, output_dir / "reference",
+            trainer_cls or SFTMixTrainer, fingerprint, reference, peft_config=get_peft_config(model_args),
+            dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
+        )  # fmt: skip
+        checkpoints = [f"reference/checkpoint-{step}" for step in steps]
+    elif scorer == "base":
+        model = load_model(reference, dtype=_scoring_dtype(training_args, model_args.dtype)).to(state.device)
+        perplexities = score_checkpoint(
+            model, dataset, training_args.scoring_batch_size, chunk_size=training_args.head_chunk_size,
+            bf16=bool(training_args.bf16), desc="Scoring the base model",
+        )[:, None]  # fmt: skip
+        checkpoints = [reference]
+    else:  # random
+        perplexities, checkpoints = np.zeros((len(ids), 0)), []
+        confidence = random_confidence(ids, training_args.seed)
+    return write_stage1(
+        output_dir, ids, perplexities, response_token_counts(dataset), scorer=scorer, checkpoints=checkpoints,
+        fingerprint=fingerprint, model_name=None if given else reference, indices=[row_of[i] for i in ids],
+        confidence=confidence,
+    )  # fmt: skip

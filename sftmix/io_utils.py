@@ -8,6 +8,7 @@ reported the same way everywhere.
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -20,9 +21,13 @@ from .errors import SFTMixError
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename)."""
+    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename).
+
+    Temporary files of an earlier write of ``path`` that a kill -9 interrupted are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -227,6 +227,8 @@ class SFTMixOutput(ModelOutput):
         mixed_tokens: Number of mixed tokens.
         entropy_sum: Summed entropy of the next-token distributions of the response tokens.
         num_correct: Response tokens predicted top-1.
+        example_nll_sum: ``[B]`` summed NLL of each row's response tokens (what the ``online`` scorer records).
+        example_tokens: ``[B]`` response tokens of each row.
     """
 
     loss: torch.Tensor | None = None
@@ -236,6 +238,8 @@ class SFTMixOutput(ModelOutput):
     mixed_tokens: torch.Tensor | None = None
     entropy_sum: torch.Tensor | None = None
     num_correct: torch.Tensor | None = None
+    example_nll_sum: torch.Tensor | None = None
+    example_tokens: torch.Tensor | None = None
 
 
 def sftmix_head_loss(
@@ -305,6 +309,11 @@ def sftmix_head_loss(
         mixed_tokens=torch.as_tensor(out.ce.shape[0] - num_ntp, device=hidden.device),
         entropy_sum=out.entropy[:num_ntp].sum(),
         num_correct=out.is_top1[:num_ntp].sum(),
+        # row-major order of hidden[mask]: the row of each NTP token
+        example_nll_sum=torch.zeros(labels.shape[0], dtype=torch.float64, device=hidden.device).index_add_(
+            0, mask.nonzero()[:, 0], out.ce[:num_ntp].detach().double()
+        ),
+        example_tokens=mask.sum(1),
     )
 
 

@@ -54,6 +54,8 @@ class BalancedPairSampler(Sampler[int]):
         seed: Seed of the order; the order of an epoch depends on ``(seed, epoch)`` only.
         num_replicas: Processes that share the order (whole batches go round-robin to them); the epoch is
             rounded up to whole batches on every process.
+        num_examples: With ``confident=None`` (the ``warmup`` and ``online`` scorers, before their split exists):
+            yield shuffled epochs of the length a median split of ``num_examples`` will have, until `set_split`.
 
     Example:
         >>> sampler = BalancedPairSampler(np.array([True, True, False, False, False]), batch_size=2, seed=0)
@@ -65,24 +67,49 @@ class BalancedPairSampler(Sampler[int]):
     """
 
     def __init__(
-        self, confident: Sequence[bool] | np.ndarray, batch_size: int, seed: int = 0, num_replicas: int = 1
+        self,
+        confident: Sequence[bool] | np.ndarray | None,
+        batch_size: int,
+        seed: int = 0,
+        num_replicas: int = 1,
+        num_examples: int | None = None,
     ):
-        confident = np.asarray(confident, dtype=bool)
         if batch_size < 2 or batch_size % 2:
             raise SFTMixError(
                 f"per_device_train_batch_size must be even with Mixup (each micro-batch holds as many confident "
                 f"as unconfident examples), got {batch_size}"
             )
-        self.confident_indices = np.flatnonzero(confident)
-        self.unconfident_indices = np.flatnonzero(~confident)
-        if not len(self.confident_indices) or not len(self.unconfident_indices):
-            raise SFTMixError("Mixup needs confident and unconfident examples, but one half is empty")
         self.batch_size = batch_size
         self.seed = seed
         self.epoch = 0
-        unit = batch_size // 2 * num_replicas
-        largest = max(len(self.confident_indices), len(self.unconfident_indices))
-        self.num_pairs = math.ceil(largest / unit) * unit
+        self.unit = batch_size // 2 * num_replicas
+        if (
+            confident is None
+        ):  # no split yet (warmup / online): plain shuffled epochs of a median split's length
+            if not num_examples or num_examples < 2:
+                raise SFTMixError("Mixup needs at least 2 training examples")
+            self.num_examples = num_examples
+            self.confident_indices = self.unconfident_indices = None
+            self.num_pairs = math.ceil(math.ceil(num_examples / 2) / self.unit) * self.unit
+        else:
+            self.set_split(confident)
+
+    def set_split(self, confident: Sequence[bool] | np.ndarray) -> None:
+        """Pair by this split from the next epoch on (the epoch length never changes for a median split)."""
+        confident = np.asarray(confident, dtype=bool)
+        confident_indices, unconfident_indices = np.flatnonzero(confident), np.flatnonzero(~confident)
+        if not len(confident_indices) or not len(unconfident_indices):
+            raise SFTMixError("Mixup needs confident and unconfident examples, but one half is empty")
+        largest = max(len(confident_indices), len(unconfident_indices))
+        num_pairs = math.ceil(largest / self.unit) * self.unit
+        if getattr(self, "num_pairs", num_pairs) != num_pairs:
+            raise SFTMixError("the split changes the epoch's length: stage 1 must give a median split")
+        self.num_examples = len(confident)
+        self.confident_indices, self.unconfident_indices, self.num_pairs = (
+            confident_indices,
+            unconfident_indices,
+            num_pairs,
+        )
 
     def set_epoch(self, epoch: int) -> None:
         """Called by accelerate / the Trainer at the start of every epoch."""
@@ -90,12 +117,18 @@ class BalancedPairSampler(Sampler[int]):
 
     def pairs(self, epoch: int | None = None) -> np.ndarray:
         """``[num_pairs, 2]`` dataset indices (confident, unconfident) of the pairs of ``epoch``."""
+        if self.confident_indices is None:
+            raise SFTMixError("no split yet: the sampler yields shuffled examples until stage 1 has made one")
         rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch])
         c = _cover(self.confident_indices, self.num_pairs, rng)
         u = _cover(self.unconfident_indices, self.num_pairs, rng)
         return np.stack([c, u], axis=1)
 
     def __iter__(self):
+        if self.confident_indices is None:  # every example at least once, in a seeded random order
+            rng = np.random.default_rng([self.seed, self.epoch])
+            yield from _cover(np.arange(self.num_examples), 2 * self.num_pairs, rng).tolist()
+            return
         yield from self.pairs().reshape(-1).tolist()
 
     def __len__(self) -> int:

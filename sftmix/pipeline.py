@@ -25,7 +25,7 @@ from .errors import SFTMixError
 from .io_utils import atomic_write_json, last_complete_checkpoint
 from .models import load_model, load_tokenizer
 from .reference import stage1_args
-from .sftmix_config import DataArguments, DynamicsArguments, SFTMixConfig
+from .sftmix_config import DataArguments, SFTMixConfig
 from .sftmix_trainer import SFTMixTrainer
 from .splits import align_split, read_dynamics_splits
 
@@ -63,9 +63,11 @@ def train(model_args: ModelConfig, data_args: DataArguments, training_args: SFTM
     confident_by_id = None
     if training_args.mixup_weight > 0:  # the dynamics file and the batch shape, before anything is written
         SFTMixTrainer._check_mixup_args(training_args)
-        # Read once: the trainer gets the parsed file
-        confident_by_id = read_dynamics_splits(training_args.dynamics_path)
-        align_split(confident_by_id, dataset["id"], training_args.dynamics_path)
+        if (
+            training_args.dynamics_path
+        ):  # read once: the trainer gets the parsed file; else the trainer runs stage 1
+            confident_by_id = read_dynamics_splits(training_args.dynamics_path)
+            align_split(confident_by_id, dataset["id"], training_args.dynamics_path)
     model_kwargs = {"trust_remote_code": getattr(model_args, "trust_remote_code", False)}
     if model_args.attn_implementation is not None:
         model_kwargs["attn_implementation"] = model_args.attn_implementation
@@ -97,6 +99,9 @@ def train(model_args: ModelConfig, data_args: DataArguments, training_args: SFTM
                 "mixup_weight": training_args.mixup_weight,
                 "mixup_alpha": training_args.mixup_alpha,
                 "dynamics_path": training_args.dynamics_path,
+                "confidence_scorer": training_args.confidence_scorer
+                if training_args.mixup_weight > 0
+                else None,
                 "global_step": trainer.state.global_step,
             },
         )
@@ -105,17 +110,18 @@ def train(model_args: ModelConfig, data_args: DataArguments, training_args: SFTM
     return str(final_dir)
 
 
-def run_pipeline(
-    model_args: ModelConfig,
-    data_args: DataArguments,
-    dyn_args: DynamicsArguments,
-    training_args: SFTMixConfig,
-) -> str:
-    """Run stages 1-2 (`sftmix.dynamics.run_dynamics`) then stage 3 (`train`); return the final model's dir."""
-    if training_args.mixup_weight > 0 and not training_args.dynamics_path:
-        training_args.dynamics_path = str(
-            run_dynamics(model_args, data_args, dyn_args, stage1_args(training_args))
-        )
+def run_pipeline(model_args: ModelConfig, data_args: DataArguments, training_args: SFTMixConfig) -> str:
+    """Run stages 1-2 then stage 3 (`train`); return the final model's dir.
+
+    The ``reference``, ``base`` and ``random`` scorers run first as ``sftmix dynamics`` does
+    (`sftmix.dynamics.run_dynamics`, which tokenizes the data for a reference model with its own tokenizer);
+    ``warmup`` and ``online`` make the split inside the target's training (`sftmix.SFTMixTrainer`)."""
+    if (
+        training_args.mixup_weight > 0
+        and not training_args.dynamics_path
+        and training_args.confidence_scorer not in ("warmup", "online")
+    ):
+        training_args.dynamics_path = str(run_dynamics(model_args, data_args, stage1_args(training_args)))
     logger.info(
         "Stage 3: SFTMix training (mixup_weight=%s) into %s",
         training_args.mixup_weight,

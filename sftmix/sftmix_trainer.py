@@ -41,6 +41,7 @@ from .loss import add_sftmix_head, count_mixed_tokens, sample_lambdas
 from .pairing import BalancedPairSampler, MixupRoleCollator, pair_rows
 from .sftmix_config import SFTMixConfig
 from .splits import align_split, read_dynamics_splits
+from .stage1 import MixupSwitch, prepare_stage1
 
 logger = logging.getLogger(__name__)
 
@@ -56,17 +57,16 @@ def _sequence_parallel(accelerator: Any) -> bool:
 class SFTMixTrainer(SFTTrainer):
     """`trl.SFTTrainer` with SFTMix's Mixup regulariser; it takes the same arguments.
 
-    With ``args.mixup_weight > 0`` (an `SFTMixConfig`), ``args.dynamics_path`` gives each training example's
-    split, and the loss is ``L_NTP + mixup_weight * L_mixup`` (see the module docstring). The training dataset is
-    any dataset ``trl.SFTTrainer`` takes (``messages``, prompt/completion, or tokenized ``input_ids`` / ``labels``);
-    its examples are found in the dynamics file by their ``id`` column, or, without one, by the id
-    `sftmix.data.content_id` derives from their content (the same the CLI's ``sftmix dynamics`` writes). With ``mixup_weight = 0`` training
-    is exactly ``trl.SFTTrainer``'s. ``confident_by_id`` (keyword only) is `sftmix.splits.read_dynamics_splits` of
-    ``args.dynamics_path`` when the caller has read it already (`train` does); by default the file is read here.
+    With ``args.mixup_weight > 0`` (an `SFTMixConfig`) the loss is ``L_NTP + mixup_weight * L_mixup`` (see the
+    module docstring), on the split of ``args.dynamics_path``, or, without one, of the stage 1 that ``train()`` runs
+    first (``args.confidence_scorer``, `sftmix.stage1`). The dataset is any dataset ``trl.SFTTrainer`` takes; its
+    examples are found in the split by their ``id`` column or, without one, by the id `sftmix.data.content_id`
+    derives from their content (the one ``sftmix dynamics`` writes). With ``mixup_weight = 0`` training is exactly
+    ``trl.SFTTrainer``'s. ``confident_by_id`` (keyword only): the parsed dynamics file, if the caller has it.
 
-    Example (``model``, ``tokenizer`` and a TRL ``dataset``, e.g. a ``messages`` column):
-        >>> args = SFTMixConfig(output_dir="out", dynamics_path="dyn/dynamics.jsonl")  # doctest: +SKIP
-        >>> SFTMixTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer).train()  # doctest: +SKIP
+    Example (a model name or instance, and a TRL ``dataset``, e.g. a ``messages`` column):
+        >>> args = SFTMixConfig(output_dir="out", confidence_scorer="online")  # doctest: +SKIP
+        >>> SFTMixTrainer(model=model, args=args, train_dataset=dataset).train()  # doctest: +SKIP
     """
 
     _tag_names = ["trl", "sft", "sftmix"]
@@ -88,12 +88,14 @@ class SFTMixTrainer(SFTTrainer):
                 "mixup_weight=0) for plain SFT"
             )
         self._mixup = args.mixup_weight > 0
+        self._confident_by_id, self._confident, self._sampler = None, None, None
+        self._mixup_on, self._mixup_from_epoch, self.nll_recorder = False, 0, None
         if self._mixup:
             self._check_mixup_args(args)
             # Read (and validate) the dynamics file before the model and the dataset are prepared
-            if confident_by_id is None:
+            if confident_by_id is None and args.dynamics_path:
                 confident_by_id = read_dynamics_splits(args.dynamics_path)
-            self._confident_by_id = confident_by_id
+            self._confident_by_id = confident_by_id  # None: stage 1 makes the split when training starts
             # Pairing finds each example's split by id: a dataset without ids gets them from its content
             if isinstance(kwargs.get("train_dataset"), Dataset):
                 kwargs["train_dataset"] = with_content_ids(kwargs["train_dataset"])
@@ -106,11 +108,15 @@ class SFTMixTrainer(SFTTrainer):
                 raise SFTMixError(
                     "Mixup needs a map-style datasets.Dataset (not an IterableDataset) to pair examples"
                 )
-            ids = self.train_dataset["id"]
-            # every training id must be in the split, and both halves non-empty; kept for the sampler
-            self._confident = align_split(self._confident_by_id, ids, args.dynamics_path)
+            if self._confident_by_id is not None:
+                # every training id must be in the split, and both halves non-empty; kept for the sampler
+                self._confident = align_split(
+                    self._confident_by_id, self.train_dataset["id"], args.dynamics_path
+                )
+                self._mixup_on = True
+            self.add_callback(MixupSwitch(self))
         self.data_collator = MixupRoleCollator(
-            self.data_collator, self._confident_by_id if self._mixup else None
+            self.data_collator, self._confident_by_id if self._mixup_on else None
         )
         # The fused head of `sftmix.head` computes its gradients in the forward pass: on CPU it is 2-3x faster than
         # TRL's chunked head, so it also serves the NTP loss, whenever the loss is TRL's plain NLL.
@@ -133,10 +139,11 @@ class SFTMixTrainer(SFTTrainer):
 
     @staticmethod
     def _check_mixup_args(args: SFTMixConfig) -> None:
-        if not args.dynamics_path:
+        start = {"warmup": int(args.reference_epochs), "online": 1}.get(args.confidence_scorer, 0)
+        if not args.dynamics_path and start and (args.max_steps > 0 or args.num_train_epochs <= start):
             raise SFTMixError(
-                "mixup_weight > 0 needs dynamics_path (the dynamics.jsonl of `sftmix dynamics`); set mixup_weight=0 "
-                "for plain SFT"
+                f"confidence_scorer='{args.confidence_scorer}' needs num_train_epochs > {start} and no max_steps: "
+                f"its split comes from the first {start} epoch(s) of plain NTP, and Mixup starts after them"
             )
         if args.packing or args.padding_free:
             raise SFTMixError(
@@ -159,12 +166,39 @@ class SFTMixTrainer(SFTTrainer):
             )
 
     def train(self, *args, **kwargs):
-        """``SFTTrainer.train``, refusing to start unless the launched processes form one process group, and
-        checking at the end that every process holds the same weights (`sftmix.distributed`)."""
+        """``SFTTrainer.train`` after stage 1 (`sftmix.stage1`, when Mixup has no split yet), refusing to start unless
+        the launched processes form one group, and checking at the end that they hold the same weights."""
         check_process_group(self.accelerator, self.args.world_size)
+        if self._mixup and self._confident is None:
+            prepare_stage1(self)
         result = super().train(*args, **kwargs)
         check_replicas_agree(self.model, self.accelerator)
         return result
+
+    def set_split(self, dynamics_path: str | Path) -> None:
+        """Pair by the split of stage 1's ``dynamics_path``: at once, or from the epoch where the scorer starts Mixup
+        (``warmup``: after ``reference_epochs``, ``online``: epoch 2; plain NTP before)."""
+        self._confident_by_id = read_dynamics_splits(dynamics_path)
+        self._confident = align_split(self._confident_by_id, self.train_dataset["id"], dynamics_path)
+        self.args.dynamics_path = str(dynamics_path)
+        scorer = self.args.confidence_scorer
+        self._mixup_from_epoch = {"warmup": int(self.args.reference_epochs), "online": 1}.get(scorer, 0)
+        if self._sampler is None and self._mixup_from_epoch == 0:
+            self._start_mixup()
+
+    def _start_mixup(self) -> None:
+        if self._sampler is not None:
+            self._sampler.set_split(self._confident)
+        self.data_collator.confident_by_id = self._confident_by_id
+        self._mixup_on = True
+
+    def _save_checkpoint(self, model, trial):
+        # The online scorer's records first: a checkpoint is a resume point once trainer_state.json, written last, is
+        if self.nll_recorder is not None:
+            self.nll_recorder.save_records(
+                Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            )
+        return super()._save_checkpoint(model, trial)
 
     # ---- data --------------------------------------------------------------------------------------------
     def _set_signature_columns_if_needed(self):
@@ -175,18 +209,24 @@ class SFTMixTrainer(SFTTrainer):
     def _get_train_sampler(self, train_dataset=None):
         if not self._mixup:
             return super()._get_train_sampler(train_dataset)
-        confident = self._confident
-        if train_dataset is not None and train_dataset is not self.train_dataset:
-            confident = align_split(self._confident_by_id, train_dataset["id"], self.args.dynamics_path)
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        confident = self._confident if self._mixup_on else None
+        if confident is not None and dataset is not self.train_dataset:
+            confident = align_split(self._confident_by_id, dataset["id"], self.args.dynamics_path)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return BalancedPairSampler(
-            confident, self._train_batch_size, seed=seed, num_replicas=self.args.world_size
+        self._sampler = BalancedPairSampler(
+            confident,
+            self._train_batch_size,
+            seed=seed,
+            num_replicas=self.args.world_size,
+            num_examples=len(dataset),
         )
+        return self._sampler
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         self._micro_step = 0  # a new accumulation window: lambdas are seeded by (step, micro-step)
-        if self._mixup and batch_samples:
+        if self._mixup_on and batch_samples:
             # Count the mixed tokens of the whole window, on all processes, as the Trainer counts the NTP tokens
             count = sum(
                 count_mixed_tokens(*(b["labels"][:, 1:][rows] for rows in pair_rows(b["mixup_role"])))
@@ -226,7 +266,7 @@ class SFTMixTrainer(SFTTrainer):
 
         micro_step, self._micro_step = self._micro_step, self._micro_step + 1
         labels = inputs["labels"][:, 1:]
-        if self._mixup:
+        if self._mixup_on:
             lambdas = self._draw_lambdas(roles.numel() // 2, micro_step).to(roles.device)
         else:
             roles, lambdas = None, labels.new_zeros(0, dtype=torch.float32)
@@ -234,10 +274,12 @@ class SFTMixTrainer(SFTTrainer):
         # averages the gradients over processes, which the factor `processes` undoes.
         if num_items_in_batch is None:
             ntp_count = (labels != IGNORE_INDEX).sum()
-            mix_count = count_mixed_tokens(*(labels[rows] for rows in pair_rows(roles))) if self._mixup else 1
+            mix_count = (
+                count_mixed_tokens(*(labels[rows] for rows in pair_rows(roles))) if self._mixup_on else 1
+            )
             processes = 1
         else:
-            ntp_count, mix_count = num_items_in_batch, self._num_mixed_in_window if self._mixup else 1
+            ntp_count, mix_count = num_items_in_batch, self._num_mixed_in_window if self._mixup_on else 1
             processes = self.accelerator.num_processes // self.get_tp_size()
             processes = processes if self.args.average_tokens_across_devices else 1
         ntp_count = torch.as_tensor(ntp_count, device=labels.device).float().clamp(min=1)
@@ -252,6 +294,8 @@ class SFTMixTrainer(SFTTrainer):
         inputs["use_cache"] = False
         outputs = model(**inputs, sftmix=spec)
         loss = outputs.loss
+        if self.nll_recorder is not None and example_ids is not None:  # the online scorer's measurements
+            self.nll_recorder.record(example_ids, outputs.example_nll_sum, outputs.example_tokens)
 
         stats = torch.stack(
             [
@@ -273,7 +317,7 @@ class SFTMixTrainer(SFTTrainer):
                 example_ids, f"loss_ntp {nll / max(tokens, 1)}, loss_mixup {mix_ce / max(mixed, 1)}"
             )
         metrics = self._metrics["train"]
-        if self._mixup:
+        if self._mixup_on:
             metrics["loss_ntp"].append(nll / max(tokens, 1))
             metrics["loss_mixup"].append(mix_ce / max(mixed, 1))
             metrics["mixup_lambda"].append(lam_sum / max(pairs, 1))

@@ -104,17 +104,26 @@ def _round(x: float) -> float:
 
 
 def build_dynamics_rows(
-    ids: Sequence[str], indices: Sequence[int], perplexities: np.ndarray, num_tokens: Sequence[int]
+    ids: Sequence[str],
+    indices: Sequence[int],
+    perplexities: np.ndarray,
+    num_tokens: Sequence[int],
+    confidence: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """The ``dynamics.jsonl`` rows. Perplexities are rounded first and everything else is computed from the
-    rounded values, so `confidence_scores` and `median_split` on the file's own numbers reproduce its split."""
+    rounded values, so `confidence_scores` and `median_split` on the file's own numbers reproduce its split.
+
+    A scorer whose confidence is not ``-mean(perplexities)`` (``online``'s progress correction, ``random``) passes
+    its own ``confidence``; ``perplexities`` may then have no column (``[N, 0]``)."""
+    perplexities = np.asarray(perplexities, dtype=np.float64).reshape(len(ids), -1)
     bad = [ids[i] for i in np.flatnonzero(~np.isfinite(perplexities).all(axis=1))]
     if bad:
         raise SFTMixError(f"example {bad[0]} has no response token to score ({len(bad)} such examples)")
-    rounded = np.vectorize(_round)(perplexities)
-    confidence = np.array([_round(c) for c in confidence_scores(rounded)])
+    rounded = np.vectorize(_round, otypes=[np.float64])(perplexities)
+    scores = confidence_scores(rounded) if confidence is None else np.asarray(confidence, dtype=np.float64)
+    confidence = np.array([_round(c) for c in scores])
     confident = median_split(confidence)
-    variability = variability_scores(rounded)
+    variability = variability_scores(rounded) if rounded.shape[1] else np.zeros(len(ids))
     return [
         {
             "id": ids[i],
@@ -148,7 +157,9 @@ def summarize_dynamics(rows: list[dict[str, Any]], checkpoints: Sequence[Path | 
         "confidence_quantiles": {
             f"q{round(q * 100):02d}": _round(np.quantile(confidence, q)) for q in quantiles
         },
-        "mean_perplexity_per_checkpoint": [_round(p) for p in perplexities.mean(axis=0)],
+        "mean_perplexity_per_checkpoint": [
+            _round(p) for p in perplexities.reshape(len(rows), -1).mean(axis=0)
+        ],
         "variability_mean": _round(np.mean([row["variability"] for row in rows])),
     }
 

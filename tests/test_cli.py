@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from conftest import ASSETS
+from conftest import ASSETS, SHARED_DATA
 
 from sftmix.cli import COMMANDS, main, parse_config
 from sftmix.errors import SFTMixError
@@ -45,14 +47,15 @@ def test_config_file_then_overrides(tmp_path):
         "dataset_name: data.jsonl\nlearning_rate: 1.0e-5\nmixup_weight: 0.5\noutput_dir: out\n"
         "use_peft: true\nlora_r: 4\nnum_checkpoints: 5\nper_device_train_batch_size: 4\n"
     )
-    data, dyn, model, train = parse_config(
-        "run", ["--config", str(cfg), "--mixup_weight", "0.3", "--max_steps", "7"]
+    data, model, train = parse_config(
+        "run",
+        ["--config", str(cfg), "--mixup_weight", "0.3", "--max_steps", "7", "--confidence_scorer", "online"],
     )
     assert data.dataset_name == "data.jsonl"
     assert train.learning_rate == 1e-5 and train.mixup_weight == 0.3 and train.max_steps == 7
     assert train.per_device_train_batch_size == 4 and train.output_dir == "out"
     assert model.use_peft is True and model.lora_r == 4
-    assert dyn.num_checkpoints == 5
+    assert train.num_checkpoints == 5 and train.confidence_scorer == "online"
     assert model.model_name_or_path == DEFAULT_MODEL  # the built-in default unless given
 
 
@@ -139,7 +142,8 @@ def test_missing_model_is_one_line(tmp_path, capsys):
             ["--dynamics_path", str(DATA / "alpaca_dynamics.jsonl"), "--per_device_train_batch_size", "3"],
             "must be even",
         ),
-        ([], "dynamics_path"),
+        (["--confidence_scorer", "warmup", "--max_steps", "3"], "confidence_scorer='warmup' needs"),
+        (["--confidence_scorer", "online", "--num_train_epochs", "1"], "confidence_scorer='online' needs"),
     ],
 )
 def test_bad_mixup_inputs_exit_2_and_write_nothing(tmp_path, capsys, tiny_llama_dir, overrides, message):
@@ -160,3 +164,45 @@ def test_datamap_command(tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["datamap", str(tmp_path / "none.jsonl"), "--output", str(out)]) == 2
     assert "dynamics file not found" in capsys.readouterr().err
+
+
+CONFIGS = sorted(
+    p for p in (Path(__file__).parents[1] / "examples").rglob("*.yaml") if p.parent.name != "accelerate"
+)
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.name != "demo.yaml"], ids=lambda p: p.name)
+def test_every_shipped_config_passes_dry_run(config, capsys, monkeypatch):
+    """``--dry_run`` resolves and validates a config without loading weights or data (both would fail here)."""
+    import datasets
+    import transformers
+
+    if "../shared" in config.read_text() and not SHARED_DATA.is_dir():
+        pytest.skip("needs ../shared/data beside the checkout")
+    monkeypatch.chdir(Path(__file__).parents[1])
+    for owner, name in ((transformers.AutoModelForCausalLM, "from_pretrained"), (transformers.AutoTokenizer,
+                        "from_pretrained"), (datasets, "load_dataset")):  # fmt: skip
+        monkeypatch.setattr(owner, name, lambda *a, **k: pytest.fail("loaded weights or data"))
+    assert main(["run", "--config", str(config), "--dry_run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [s["stage"][:2] for s in plan["stages"]] == ["1-", "3:"]
+    assert plan["total_cost_ntp_epochs"] > plan["stages"][1]["cost_ntp_epochs"] >= 3
+
+
+def test_dry_run_reports_each_scorer_and_catches_bad_input(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "input": "", "output": "b"}\n')
+    base = ["run", "--dataset_name", str(data), "--output_dir", str(tmp_path / "o"), "--dry_run"]
+    costs = {}
+    for scorer in ("reference", "warmup", "online", "base", "random"):
+        assert main([*base, "--confidence_scorer", scorer]) == 0
+        plan = json.loads(capsys.readouterr().out)
+        costs[scorer] = plan["stages"][0]["cost_ntp_epochs"]
+        assert plan["training"]["confidence_scorer" if scorer != "reference" else "output_dir"]
+    assert costs["reference"] > costs["warmup"] > costs["base"] > costs["online"] == costs["random"] == 0
+    assert not (tmp_path / "o").exists()  # nothing written
+    assert main(["run", "--dataset_name", str(tmp_path / "nope.jsonl"), "--dry_run"]) == 2
+    assert "dataset not found" in capsys.readouterr().err
+    assert main([*base, "--per_device_train_batch_size", "3"]) == 2
+    assert "must be even" in capsys.readouterr().err
+    assert main(["dynamics", "--dataset_name", str(data), "--confidence_scorer", "online", "--dry_run"]) == 2

@@ -147,3 +147,32 @@ def test_run_on_two_processes_ends_with_one_final_model(setup):
     info = json.loads((out / "final" / "sftmix_train.json").read_text())
     steps = len(_rows(out / "dynamics" / "dynamics.jsonl")) // 4  # global batch 2 x 2, one epoch
     assert info["global_step"] == steps
+
+
+@pytest.mark.parametrize(("scorer", "port"), [("online", 29547), ("warmup", 29548)])
+def test_in_training_scorers_on_two_processes_equal_one_process(setup, scorer, port):
+    """``warmup`` and ``online`` make the split inside the target's training: on 2 processes with batch 2 the split,
+    the recorded perplexities, the losses and the weights equal one process with batch 4."""
+    extra = (
+        "--confidence_scorer",
+        scorer,
+        "--num_train_epochs",
+        "2",
+        "--num_checkpoints",
+        "2",
+        "--save_strategy",
+        "epoch",
+    )
+    runs = {}
+    for kind, batch in (("torchrun", 2), ("one", 4)):
+        runs[kind] = _sftmix(
+            kind, port, "train", setup["model"], setup["data"], setup["root"] / f"{scorer}_{kind}",
+            "--per_device_train_batch_size", str(batch), *extra,
+        )  # fmt: skip
+    got, want = (_rows(runs[k] / "dynamics" / "dynamics.jsonl") for k in ("torchrun", "one"))
+    assert [r["id"] for r in got] == [r["id"] for r in want]
+    assert [r["split"] for r in got] == [r["split"] for r in want]
+    for a, b in zip(got, want, strict=True):
+        assert a["perplexities"] == pytest.approx(b["perplexities"], rel=1e-5)
+    _assert_same_training(runs["torchrun"], runs["one"])
+    assert any("loss_mixup" in e for e in _logs(runs["torchrun"]))

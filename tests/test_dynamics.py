@@ -14,7 +14,8 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import ModelConfig
 
-import sftmix.dynamics as dynamics
+import sftmix.online as online
+import sftmix.scorers as scorers
 from sftmix import SFTMixTrainer
 from sftmix.data import dataset_fingerprint, load_sft_dataset, tokenize_sft_dataset
 from sftmix.dynamics import run_dynamics
@@ -22,7 +23,7 @@ from sftmix.errors import SFTMixError
 from sftmix.io_utils import read_jsonl
 from sftmix.reference import checkpoint_steps
 from sftmix.scoring import length_grouped_batches, response_token_counts, score_checkpoint
-from sftmix.sftmix_config import DataArguments, DynamicsArguments, SFTMixConfig
+from sftmix.sftmix_config import DataArguments, SFTMixConfig
 from sftmix.splits import confidence_scores, median_split, variability_scores
 
 # ---------------------------------------------------------------------------------------------------------
@@ -30,7 +31,8 @@ from sftmix.splits import confidence_scores, median_split, variability_scores
 
 
 def test_docstring_examples():
-    assert doctest.testmod(dynamics).failed == 0
+    assert doctest.testmod(scorers).failed == 0
+    assert doctest.testmod(online).failed == 0
 
 
 def _split_by_definition(confidences: list[float]) -> list[bool]:
@@ -237,8 +239,9 @@ def _write_data(path: Path, n: int = 12) -> Path:
 def _args(model_dir: str, data: Path, out: Path, **dyn):
     model_args = ModelConfig(model_name_or_path=model_dir)
     data_args = DataArguments(dataset_name=str(data))
-    dyn_args = DynamicsArguments(num_checkpoints=3, scoring_batch_size=4, **dyn)
     training_args = SFTMixConfig(
+        num_checkpoints=3,
+        scoring_batch_size=4,
         output_dir=str(out),
         per_device_train_batch_size=2,
         learning_rate=1e-2,
@@ -250,8 +253,9 @@ def _args(model_dir: str, data: Path, out: Path, **dyn):
         seed=0,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        **dyn,
     )
-    return model_args, data_args, dyn_args, training_args
+    return model_args, data_args, training_args
 
 
 @pytest.fixture(scope="module")
@@ -267,21 +271,21 @@ def reference_run(tiny_llama_dir, data_file, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def kept_run(tiny_llama_dir, data_file, tmp_path_factory) -> Path:
+    """The same run, keeping its reference checkpoints (``keep_reference_checkpoints``)."""
+    out = tmp_path_factory.mktemp("kept")
+    run_dynamics(*_args(tiny_llama_dir, data_file, out, keep_reference_checkpoints=True))
+    return out
+
+
 def test_run_dynamics_outputs(reference_run, data_file, tokenizer):
     rows = read_jsonl(reference_run / "dynamics.jsonl")
     loaded = load_sft_dataset(DataArguments(dataset_name=str(data_file)))
     assert [r["id"] for r in rows] == loaded["id"]  # every example, in dataset order
     assert [r["index"] for r in rows] == list(range(len(loaded)))
-    # 12 examples, batch 2 -> 6 steps; C = 3 -> checkpoints at 2, 4, 6.
-    assert sorted(p.name for p in (reference_run / "reference").glob("checkpoint-*")) == [
-        "checkpoint-2",
-        "checkpoint-4",
-        "checkpoint-6",
-    ]
-    # Once scored, the checkpoints keep their weights and lose their optimizer states (not needed any more).
-    for checkpoint in (reference_run / "reference").glob("checkpoint-*"):
-        assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "trainer_state.json").is_file()
-        assert not list(checkpoint.glob("optimizer*"))
+    # Scored in-process: no checkpoint is saved. 12 examples, batch 2 -> 6 steps; C = 3 -> steps 2, 4, 6.
+    assert not list((reference_run / "reference").glob("checkpoint-*"))
     assert sorted(p.name for p in (reference_run / "scores").iterdir()) == [
         "ckpt-2.json",
         "ckpt-4.json",
@@ -299,6 +303,7 @@ def test_run_dynamics_outputs(reference_run, data_file, tokenizer):
     assert perps[:, 2].mean() < perps[:, 0].mean()
     summary = json.loads((reference_run / "dynamics_summary.json").read_text())
     assert summary["num_examples"] == 12 and summary["checkpoint_steps"] == [2, 4, 6]
+    assert summary["scorer"] == "reference" and summary["fingerprint"] == dataset_fingerprint(tokenized)
     assert summary["num_confident"] == 6 and summary["num_unconfident"] == 6
     png = (reference_run / "datamap.png").read_bytes()
     assert png.startswith(b"\x89PNG")
@@ -309,10 +314,22 @@ def test_run_dynamics_outputs(reference_run, data_file, tokenizer):
     np.testing.assert_allclose(scores["perplexities"], perps[:, 1], rtol=1e-7)
 
 
+def test_kept_checkpoints_give_the_same_file(reference_run, kept_run):
+    assert (kept_run / "dynamics.jsonl").read_bytes() == (reference_run / "dynamics.jsonl").read_bytes()
+    for checkpoint in (kept_run / "reference").glob("checkpoint-*"):  # weights kept, optimizer states dropped
+        assert (checkpoint / "model.safetensors").is_file() and not list(checkpoint.glob("optimizer*"))
+    assert sorted(p.name for p in (kept_run / "reference").glob("checkpoint-*")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-6",
+    ]
+
+
 def test_run_dynamics_is_deterministic(reference_run, tiny_llama_dir, data_file, tmp_path):
-    model_args, data_args, dyn_args, training_args = _args(tiny_llama_dir, data_file, tmp_path)
-    dyn_args.keep_reference_optimizer = True
-    run_dynamics(model_args, data_args, dyn_args, training_args)
+    model_args, data_args, training_args = _args(
+        tiny_llama_dir, data_file, tmp_path, keep_reference_checkpoints=True, keep_reference_optimizer=True
+    )
+    run_dynamics(model_args, data_args, training_args)
     assert (tmp_path / "dynamics.jsonl").read_bytes() == (reference_run / "dynamics.jsonl").read_bytes()
     assert (tmp_path / "reference" / "checkpoint-6" / "optimizer.pt").is_file()
 
@@ -352,8 +369,23 @@ def test_resume_after_crash_in_training(reference_run, tiny_llama_dir, data_file
     args = _args(tiny_llama_dir, data_file, tmp_path)
     with pytest.raises(_Crash):
         run_dynamics(*args, trainer_cls=CrashingTrainer)
-    assert [p.name for p in (tmp_path / "reference").glob("checkpoint-*")] == ["checkpoint-2"]
+    assert [p.name for p in (tmp_path / "scores").iterdir()] == ["ckpt-2.json"]
     assert not (tmp_path / "dynamics.jsonl").exists()
+    kept = (tmp_path / "scores" / "ckpt-2.json").stat().st_mtime_ns
+    run_dynamics(*args)  # trains again, keeps the scored checkpoint
+    assert (tmp_path / "scores" / "ckpt-2.json").stat().st_mtime_ns == kept
+    assert (tmp_path / "dynamics.jsonl").read_bytes() == (reference_run / "dynamics.jsonl").read_bytes()
+
+
+def test_resume_from_a_kept_checkpoint(reference_run, tiny_llama_dir, data_file, tmp_path):
+    class CrashingTrainer(SFTMixTrainer):
+        def __init__(self, *args, callbacks=None, **kwargs):
+            super().__init__(*args, callbacks=[*(callbacks or []), _CrashAtStep(3)], **kwargs)
+
+    args = _args(tiny_llama_dir, data_file, tmp_path, keep_reference_checkpoints=True)
+    with pytest.raises(_Crash):
+        run_dynamics(*args, trainer_cls=CrashingTrainer)
+    assert [p.name for p in (tmp_path / "reference").glob("checkpoint-*")] == ["checkpoint-2"]
 
     def saved_files() -> dict[str, int]:  # the optimizer states are dropped once the run is scored
         folder = tmp_path / "reference" / "checkpoint-2"
@@ -366,9 +398,7 @@ def test_resume_after_crash_in_training(reference_run, tiny_llama_dir, data_file
 
 
 def test_resume_after_crash_in_scoring(reference_run, tiny_llama_dir, data_file, tmp_path, monkeypatch):
-    out = tmp_path / "copy"
-    shutil.copytree(reference_run / "reference", out / "reference")  # training done, nothing scored
-    real, calls = dynamics.score_checkpoint, []
+    real, calls = scorers.score_checkpoint, []
 
     def crash_on_second(*args, **kwargs):
         calls.append(1)
@@ -376,42 +406,55 @@ def test_resume_after_crash_in_scoring(reference_run, tiny_llama_dir, data_file,
             raise _Crash("simulated crash while scoring")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dynamics, "score_checkpoint", crash_on_second)
+    monkeypatch.setattr(scorers, "score_checkpoint", crash_on_second)
     with pytest.raises(_Crash):
-        run_dynamics(*_args(tiny_llama_dir, data_file, out))
-    assert [p.name for p in (out / "scores").iterdir()] == ["ckpt-2.json"]  # the finished one was kept
-    monkeypatch.setattr(dynamics, "score_checkpoint", real)
+        run_dynamics(*_args(tiny_llama_dir, data_file, tmp_path))
+    assert [p.name for p in (tmp_path / "scores").iterdir()] == ["ckpt-2.json"]  # the finished one was kept
+    monkeypatch.setattr(scorers, "score_checkpoint", real)
+    run_dynamics(*_args(tiny_llama_dir, data_file, tmp_path))
+    assert (tmp_path / "dynamics.jsonl").read_bytes() == (reference_run / "dynamics.jsonl").read_bytes()
+
+
+def test_a_finished_run_is_not_trained_again(reference_run, tiny_llama_dir, data_file, tmp_path, monkeypatch):
+    out = tmp_path / "copy"
+    shutil.copytree(reference_run, out)
+    (out / "dynamics.jsonl").unlink()
+    monkeypatch.setattr(SFTMixTrainer, "train", lambda *a, **k: pytest.fail("trained again"))
     run_dynamics(*_args(tiny_llama_dir, data_file, out))
     assert (out / "dynamics.jsonl").read_bytes() == (reference_run / "dynamics.jsonl").read_bytes()
 
 
-def test_score_existing_checkpoints(reference_run, tiny_llama_dir, data_file, tmp_path):
-    checkpoints = ",".join(str(reference_run / "reference" / f"checkpoint-{s}") for s in (2, 4, 6))
+def test_score_existing_checkpoints(reference_run, kept_run, tiny_llama_dir, data_file, tmp_path):
+    checkpoints = ",".join(str(kept_run / "reference" / f"checkpoint-{s}") for s in (2, 4, 6))
     run_dynamics(*_args(tiny_llama_dir, data_file, tmp_path, score_checkpoints=checkpoints))
     assert not (tmp_path / "reference").exists()  # nothing trained
     assert (tmp_path / "dynamics.jsonl").read_bytes() == (reference_run / "dynamics.jsonl").read_bytes()
 
 
-def test_stale_reference_and_scores_are_detected(reference_run, tiny_llama_dir, data_file, tmp_path):
+def test_stale_reference_and_scores_are_detected(
+    reference_run, kept_run, tiny_llama_dir, data_file, tmp_path
+):
     out = tmp_path / "copy"
-    shutil.copytree(reference_run / "reference", out / "reference")
-    model_args, data_args, dyn_args, training_args = _args(tiny_llama_dir, data_file, out)
+    shutil.copytree(kept_run / "reference", out / "reference")
+    model_args, data_args, training_args = _args(
+        tiny_llama_dir, data_file, out, keep_reference_checkpoints=True
+    )
     training_args.max_length = 40  # other tokens: the reference run no longer matches the data
     with pytest.raises(SFTMixError, match="other data"):
-        run_dynamics(model_args, data_args, dyn_args, training_args)
+        run_dynamics(model_args, data_args, training_args)
 
     training_args.max_length = 96
     training_args.learning_rate = 1e-3  # other settings: not a resume either
     with pytest.raises(SFTMixError, match=r"other settings \(learning_rate\)"):
-        run_dynamics(model_args, data_args, dyn_args, training_args)
+        run_dynamics(model_args, data_args, training_args)
     training_args.max_length, training_args.learning_rate = 40, 1e-2
 
     # Scores of the same checkpoints, in the same dir, on other data are recomputed instead of reused.
-    dyn_args.score_checkpoints = ",".join(str(out / "reference" / f"checkpoint-{s}") for s in (2, 4, 6))
-    run_dynamics(model_args, data_args, dyn_args, training_args)
+    training_args.score_checkpoints = ",".join(str(out / "reference" / f"checkpoint-{s}") for s in (2, 4, 6))
+    run_dynamics(model_args, data_args, training_args)
     short = json.loads((out / "scores" / "ckpt-2.json").read_text())
     training_args.max_length = 96
-    run_dynamics(model_args, data_args, dyn_args, training_args)
+    run_dynamics(model_args, data_args, training_args)
     full = json.loads((out / "scores" / "ckpt-2.json").read_text())
     assert full["checkpoint"] == short["checkpoint"] and full["fingerprint"] != short["fingerprint"]
     assert full["perplexities"] != short["perplexities"]
@@ -429,8 +472,7 @@ def test_bf16_scoring_is_close_to_fp32_and_auto_picks_it(tiny_llama_dir):
     np.testing.assert_allclose(approx, exact, rtol=0.05)
     assert not np.array_equal(approx, exact)  # really computed in bf16
     training = SFTMixConfig(output_dir="x", bf16=True, use_cpu=True)
-    assert _scoring_dtype(DynamicsArguments(), training, None) == "bfloat16"
-    assert _scoring_dtype(DynamicsArguments(scoring_dtype="float32"), training, None) == "float32"
-    assert (
-        _scoring_dtype(DynamicsArguments(), SFTMixConfig(output_dir="x", bf16=False), "float32") == "float32"
-    )
+    assert _scoring_dtype(training, None) == "bfloat16"
+    training.scoring_dtype = "float32"
+    assert _scoring_dtype(training, None) == "float32"
+    assert _scoring_dtype(SFTMixConfig(output_dir="x", bf16=False), "float32") == "float32"

@@ -18,10 +18,10 @@ PACKAGE = Path(__file__).parents[1] / "sftmix"
 README = Path(__file__).parents[1] / "README.md"
 LAYERS = [
     "errors", "io_utils", "distributed", "sftmix_config", "selection", "records", "data", "models", "head", "scoring",
-    "splits", "datamap", "pairing", "loss", "sftmix_trainer", "reference", "dynamics",
+    "splits", "datamap", "pairing", "loss", "scorers", "online", "reference", "stage1", "sftmix_trainer", "dynamics",
     "evaluation.compare", "evaluation.tasks", "evaluation.multiple_choice", "evaluation.calibration",
     "evaluation.perplexity", "evaluation.ifeval", "evaluation.generation", "evaluation.judge",
-    "evaluation.runner", "evaluation", "pipeline", "demo", "cli", "",
+    "evaluation.runner", "evaluation", "pipeline", "plan", "demo", "cli", "",
 ]  # fmt: skip
 
 

@@ -38,13 +38,13 @@ def _data(path: Path) -> Path:
     return path
 
 
-def _argv(model: str, data: Path, out: Path) -> list[str]:
+def _argv(model: str, data: Path, out: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "sftmix.cli", "run", "--model_name_or_path", model, "--dataset_name", str(data),
         "--output_dir", str(out), "--per_device_train_batch_size", "4", "--num_train_epochs", "1",
         "--num_checkpoints", "3", "--learning_rate", "1e-3", "--save_strategy", "steps", "--save_steps", "2",
         "--logging_steps", "1", "--report_to", "none", "--bf16", "false", "--use_cpu", "true",
-        "--gradient_checkpointing", "false", "--max_length", "128", "--seed", "7",
+        "--gradient_checkpointing", "false", "--max_length", "128", "--seed", "7", *extra,
     ]  # fmt: skip
 
 
@@ -79,7 +79,7 @@ def reference(tmp_path_factory, tiny_llama_dir) -> tuple[Path, Path]:
 
 
 KILL_POINTS = {
-    "reference_training": lambda out: bool(complete_checkpoints(out / "dynamics" / "reference")),
+    "reference_training": lambda out: (out / "dynamics" / "reference" / "sftmix_reference.json").is_file(),
     "scoring": lambda out: any((out / "dynamics" / "scores").glob("*.json")),
     "stage3_training": lambda out: bool(complete_checkpoints(out)),
 }
@@ -129,3 +129,36 @@ def _assert_same_result(out: Path, expected: Path) -> None:
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
     assert not list(out.glob("**/*.tmp")) and not (out / "final.tmp").exists()
+
+
+# Stage 1 of every scorer, killed while it is under way (48 examples, batch 4: 12 steps an epoch, 2 epochs, C = 2).
+# reference: after its first checkpoint is scored; warmup: the same, inside the target's first epoch; online: once
+# the target has saved a checkpoint in epoch 1; base and random (one pass, one atomic write): as soon as the
+# stage-1 directory appears.
+SCORER_KILL_POINTS = {
+    "reference": lambda out: any((out / "dynamics" / "scores").glob("*.json")),
+    "warmup": lambda out: any((out / "dynamics" / "scores").glob("*.json")),
+    "online": lambda out: bool(complete_checkpoints(out)),
+    "base": lambda out: (out / "dynamics").exists(),
+    "random": lambda out: (out / "dynamics").exists(),
+}
+
+
+@pytest.fixture(scope="module")
+def scorer_data(tmp_path_factory) -> Path:
+    return _data(tmp_path_factory.mktemp("scorers") / "data.jsonl")
+
+
+@pytest.mark.parametrize("scorer", sorted(SCORER_KILL_POINTS))
+def test_kill_9_in_stage_1_of_each_scorer_then_rerun(scorer, scorer_data, tiny_llama_dir, tmp_path):
+    extra = ("--confidence_scorer", scorer, "--num_train_epochs", "2", "--num_checkpoints", "2")
+    expected, out = tmp_path / "uninterrupted", tmp_path / "out"
+    assert _run(_argv(tiny_llama_dir, scorer_data, expected, *extra)) == 0
+    summary = json.loads((expected / "dynamics" / "dynamics_summary.json").read_text())
+    assert summary["scorer"] == scorer and summary["num_examples"] == 48
+    argv = _argv(tiny_llama_dir, scorer_data, out, *extra)
+    assert _run(argv, kill_when=lambda: SCORER_KILL_POINTS[scorer](out)) == -signal.SIGKILL
+    if scorer in ("reference", "warmup", "online"):
+        assert not (out / "dynamics" / "dynamics.jsonl").exists()  # killed inside stage 1
+    assert _run(argv) == 0
+    _assert_same_result(out, expected)

@@ -209,7 +209,6 @@ def test_bf16_with_gradient_checkpointing(tmp_path, tiny_llama_dir, tokenizer, d
     ("overrides", "message"),
     [
         ({"per_device_train_batch_size": 3}, "per_device_train_batch_size must be even"),
-        ({"dynamics_path": None}, "needs dynamics_path"),
         ({"packing": True, "max_length": 64}, "packing"),
         ({"dynamics_path": "/nonexistent/dynamics.jsonl"}, "dynamics file not found"),
         ({"loss_type": "dft"}, "loss_type='nll'"),

@@ -1,0 +1,156 @@
+"""The five confidence scorers side by side: stage-1 cost, end-to-end cost against NTP, agreement with the paper's split.
+
+Every arm is one ``sftmix run`` in a fresh process on the same data and settings (SmolLM2-135M-Instruct, a seeded
+sample of Alpaca-52K, batch 8, max_length 256, bf16, 3 epochs by default):
+
+- ``ntp``: ``--mixup_weight 0``, the baseline; one NTP epoch = its wall time / epochs;
+- ``stage3``: SFTMix with the ``reference`` arm's dynamics file given (stage 3 alone);
+- ``reference``, ``warmup``, ``online``, ``base``, ``random``: ``--confidence_scorer``, stage 1 included.
+
+Reported per scorer: end-to-end wall time / the NTP run's; stage-1 cost in NTP epochs, ``(run - stage3) /
+NTP epoch`` (for warmup and online the target's own epochs are the reference, so this is what they add); agreement
+with ``reference``: the share of examples in the same half and Spearman's rho of the confidences. For ``online``,
+every progress correction and window is also scored against ``reference`` from the recorded training-time NLL
+(``steps`` and ``perplexities`` of its dynamics file). Example (about 30 minutes on 2 CPU cores)::
+
+    python benchmarks/bench_scorers.py --n_train 128 --output benchmarks/results/scorers_smollm2_128.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sftmix.io_utils import atomic_write_json, atomic_write_jsonl, read_jsonl
+from sftmix.online import progress_corrected_confidence
+from sftmix.splits import median_split
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+ALPACA = SHARED / "alpaca_52k_en_zh_parts"
+SCORERS = ("reference", "warmup", "online", "base", "random")
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x))
+    return ranks
+
+
+def agreement(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """Same-half share and Spearman's rho of two ``{id: confidence}`` maps over their common ids."""
+    ids = sorted(set(a) & set(b))
+    x, y = np.array([a[i] for i in ids]), np.array([b[i] for i in ids])
+    same = float((median_split(x) == median_split(y)).mean())
+    rho = float(np.corrcoef(_ranks(x), _ranks(y))[0, 1])
+    return {"same_half": round(same, 4), "spearman": round(rho, 4), "n": len(ids)}
+
+
+def _sample(root: Path, n: int) -> Path:
+    path = root / "train.jsonl"
+    if not path.exists():
+        from sftmix.data import load_sft_dataset
+        from sftmix.sftmix_config import DataArguments
+
+        data = load_sft_dataset(
+            DataArguments(
+                dataset_name=str(ALPACA),
+                dataset_columns="instruction=en_instruction,input=en_input,output=en_output",
+            )
+        )
+        order = list(range(len(data)))
+        random.Random(0).shuffle(order)
+        atomic_write_jsonl(path, [{"messages": data[i]["messages"]} for i in order[:n]])
+    return path
+
+
+def _run(argv: list[str], log: Path) -> float:
+    start = time.perf_counter()
+    with log.open("a") as f:
+        f.write("$ " + " ".join(argv) + "\n")
+        f.flush()
+        subprocess.run(
+            argv, check=True, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"}
+        )
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--root", default="runs/bench_scorers")
+    parser.add_argument("--n_train", type=int, default=384)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--max_length", type=int, default=256)
+    parser.add_argument("--num_checkpoints", type=int, default=3)
+    parser.add_argument("--output", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    data, log = _sample(root, args.n_train), root / "bench.log"
+    common = [
+        sys.executable, "-m", "sftmix.cli", "run", "--model_name_or_path", args.model, "--dataset_name", str(data),
+        "--max_length", str(args.max_length), "--per_device_train_batch_size", str(args.batch),
+        "--num_train_epochs", str(args.epochs), "--num_checkpoints", str(args.num_checkpoints), "--learning_rate",
+        "2e-5", "--lr_scheduler_type", "cosine", "--warmup_steps", "0.1", "--save_strategy", "no", "--report_to",
+        "none", "--logging_steps", "5", "--bf16", "true", "--seed", "1",
+    ]  # fmt: skip
+    times: dict[str, float] = {}
+    results_path = root / "times.json"
+    if results_path.exists():
+        times = json.loads(results_path.read_text())
+    arms = [("ntp", ["--mixup_weight", "0"]), *[(s, ["--confidence_scorer", s]) for s in SCORERS]]
+    arms.insert(2, ("stage3", ["--dynamics_path", str(root / "reference" / "dynamics" / "dynamics.jsonl")]))
+    for name, extra in arms:
+        if name not in times:  # a rerun continues
+            times[name] = _run([*common, *extra, "--output_dir", str(root / name)], log)
+            atomic_write_json(results_path, times)
+        print(f"{name}: {times[name]:.1f} s", flush=True)
+
+    epoch = times["ntp"] / args.epochs
+    confidence = {
+        s: {r["id"]: r["confidence"] for r in read_jsonl(root / s / "dynamics" / "dynamics.jsonl")}
+        for s in SCORERS
+    }
+    table = {
+        s: {
+            "end_to_end_over_ntp": round(times[s] / times["ntp"], 3),
+            "stage1_ntp_epochs": round((times[s] - times["stage3"]) / epoch, 3),
+            "agreement_with_reference": agreement(confidence[s], confidence["reference"]),
+        }
+        for s in SCORERS
+    }
+    online_rows = read_jsonl(root / "online" / "dynamics" / "dynamics.jsonl")
+    steps = np.array([r["steps"][0] for r in online_rows])
+    log_ppl = np.log([r["perplexities"][0] for r in online_rows])
+    corrections = {}
+    for method in ("none", "rank", "detrend"):
+        for window in (1, 2, 4, 8) if method != "none" else (0,):
+            conf = progress_corrected_confidence(steps, log_ppl, method, window)
+            found = dict(zip((r["id"] for r in online_rows), conf.tolist(), strict=True))
+            corrections[f"{method}:{window}"] = agreement(found, confidence["reference"])
+    result = {
+        "settings": vars(args),
+        "date": time.strftime("%Y-%m-%d"),
+        "wall_seconds": {k: round(v, 1) for k, v in times.items()},
+        "ntp_epoch_seconds": round(epoch, 1),
+        "scorers": table,
+        "online_corrections_vs_reference": corrections,
+    }
+    print(json.dumps(result, indent=1))
+    if args.output:
+        atomic_write_json(args.output, result)
+
+
+if __name__ == "__main__":
+    main()
