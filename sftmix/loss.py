@@ -351,3 +351,4 @@ def add_sftmix_head(model: PreTrainedModel) -> None:
             )
 
     model.forward = types.MethodType(_sftmix_forward, model)
+    model._sftmix_head = True  # `sftmix.scoring` scores through this forward (FSDP2 unshards inside it)

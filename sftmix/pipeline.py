@@ -89,6 +89,10 @@ def train(model_args: ModelConfig, data_args: DataArguments, training_args: SFTM
     if trainer.accelerator.is_main_process and tmp_dir.exists():
         shutil.rmtree(tmp_dir)
     trainer.accelerator.wait_for_everyone()
+    if (
+        trainer.is_fsdp_enabled
+    ):  # the final model in one file plain transformers loads, however checkpoints are kept
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(tmp_dir))  # every process calls it (FSDP/ZeRO-3 gather); the main one writes
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(tmp_dir)

@@ -88,6 +88,14 @@ def response_nll_sums(
     attention_mask = pad([torch.ones(len(row), dtype=torch.long) for row in input_ids]).to(device)
     labels_t = pad([torch.tensor(row, dtype=torch.long) for row in labels], IGNORE_INDEX).to(device)
 
+    if getattr(model, "_sftmix_head", False):  # the model being trained: its own forward, so FSDP hooks run
+        out = model(
+            input_ids=input_ids_t,
+            attention_mask=attention_mask,
+            labels=labels_t,
+            sftmix={"ntp_weight": 0.0, "chunk_size": chunk_size},
+        )
+        return out.example_nll_sum.double(), out.example_tokens
     # The backbone's last hidden state is the LM head's input; the head runs on loss positions only.
     hidden = model.base_model(
         input_ids=input_ids_t, attention_mask=attention_mask, use_cache=False

@@ -209,6 +209,14 @@ class SFTMixConfig(SFTConfig):
             raise ValueError(f"mixup_weight must be >= 0, got {self.mixup_weight}")
         if self.mixup_alpha <= 0:
             raise ValueError(f"mixup_alpha must be > 0, got {self.mixup_alpha}")
+        if self.confidence_scorer not in CONFIDENCE_SCORERS:
+            raise ValueError(
+                f"confidence_scorer must be one of {', '.join(CONFIDENCE_SCORERS)}, got {self.confidence_scorer!r}"
+            )
+        if self.online_correction not in ONLINE_CORRECTIONS:
+            raise ValueError(
+                f"online_correction must be one of {', '.join(ONLINE_CORRECTIONS)}, got {self.online_correction!r}"
+            )
         if self.num_checkpoints < 1:
             raise ValueError(f"num_checkpoints must be >= 1, got {self.num_checkpoints}")
         if self.confidence_scorer == "warmup" and (

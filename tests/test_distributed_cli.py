@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -176,3 +177,66 @@ def test_in_training_scorers_on_two_processes_equal_one_process(setup, scorer, p
         assert a["perplexities"] == pytest.approx(b["perplexities"], rel=1e-5)
     _assert_same_training(runs["torchrun"], runs["one"])
     assert any("loss_mixup" in e for e in _logs(runs["torchrun"]))
+
+
+def _fsdp2_config(root: Path) -> Path:
+    """The shipped FSDP2 config, for 2 CPU processes (gloo) in fp32."""
+    import yaml
+
+    config = yaml.safe_load((DDP_CONFIG.parent / "fsdp2.yaml").read_text())
+    config.update(num_processes=2, use_cpu=True, mixed_precision="no")
+    config["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] = False
+    path = root / "fsdp2_cpu.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_fsdp2_trains_sftmix_like_one_process_and_resumes(setup):
+    """FSDP2 (full shard, decoder layers wrapped, sharded checkpoints) on 2 CPU processes: the same losses and final
+    weights as one process with the same global batch; a run resumed from a sharded checkpoint ends the same; the
+    final model loads in plain transformers."""
+    from transformers import AutoModelForCausalLM
+
+    config = _fsdp2_config(setup["root"])
+    extra = ("--dynamics_path", str(setup["dynamics"]), "--save_strategy", "steps", "--save_steps", "2")
+    fsdp = ["--config_file", str(config), "--main_process_port", "29549"]
+    argv = [sys.executable, "-m", "accelerate.commands.launch", *fsdp, "-m", "sftmix.cli"]
+
+    def run(out: Path, steps: int) -> Path:
+        proc = subprocess.run(
+            [*argv, "train", "--model_name_or_path", setup["model"], "--dataset_name", str(setup["data"]),
+             "--output_dir", str(out), "--learning_rate", "1e-3", "--logging_steps", "1", "--report_to", "none",
+             "--bf16", "false", "--max_length", "128", "--seed", "3", "--per_device_train_batch_size", "2",
+             "--max_steps", str(steps), *extra],
+            env=ENV, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return out
+
+    two = run(setup["root"] / "fsdp2", 4)
+    one = _train(setup, "one", 0, "fsdp2_one", 4, "--max_steps", "4", *extra)
+    _assert_same_training(two, one)
+    resumed = setup["root"] / "fsdp2_resumed"
+    shutil.copytree(two, resumed)
+    shutil.rmtree(resumed / "final")
+    shutil.rmtree(resumed / "checkpoint-4")
+    run(resumed, 4)  # resumes from the sharded checkpoint-2
+    _assert_same_training(resumed, one)
+    model = AutoModelForCausalLM.from_pretrained(two / "final")
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_fsdp2_stage_1_gives_the_same_split(setup):
+    """The reference run under FSDP2, scored in-process through the sharded model's own forward."""
+    config = _fsdp2_config(setup["root"])
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
+            "29550", "-m", "sftmix.cli", "dynamics", "--model_name_or_path", setup["model"], "--dataset_name",
+            str(setup["data"]), "--output_dir", str(setup["root"] / "fsdp2_dyn"), "--learning_rate", "1e-3",
+            "--report_to", "none", "--bf16", "false", "--max_length", "128", "--seed", "3",
+            "--per_device_train_batch_size", "2", "--num_checkpoints", "2"]  # fmt: skip
+    proc = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got, want = _rows(setup["root"] / "fsdp2_dyn" / "dynamics.jsonl"), _rows(setup["dynamics"])
+    assert [r["split"] for r in got] == [r["split"] for r in want]
+    for a, b in zip(got, want, strict=True):
+        assert a["perplexities"] == pytest.approx(b["perplexities"], rel=1e-4)
