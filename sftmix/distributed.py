@@ -64,7 +64,8 @@ def check_process_group(accelerator: Any, world_size: int) -> None:
         )
 
 
-def _is_sharded(param: torch.Tensor) -> bool:
+def is_sharded(param: torch.Tensor) -> bool:
+    """A parameter sharded over the processes (FSDP2 DTensor, DeepSpeed ZeRO-3)."""
     from torch.distributed.tensor import DTensor
 
     return isinstance(param, DTensor) or hasattr(param, "ds_id")  # FSDP2 / DeepSpeed ZeRO-3 shards
@@ -84,7 +85,7 @@ def check_replicas_agree(model: torch.nn.Module, accelerator: Any, rtol: float =
     """
     if accelerator.num_processes < 2:
         return
-    params = [p for p in model.parameters() if not _is_sharded(p)]
+    params = [p for p in model.parameters() if not is_sharded(p)]
     if not params:
         return
     sums = torch.stack([p.detach().double().sum() for p in params]).to(accelerator.device)
@@ -92,7 +93,7 @@ def check_replicas_agree(model: torch.nn.Module, accelerator: Any, rtol: float =
     spread = (every - every[0]).abs().amax(0) / (1 + every[0].abs())
     if bool((spread > rtol).any()):
         worst = int(spread.argmax())
-        names = [n for n, p in model.named_parameters() if not _is_sharded(p)]
+        names = [n for n, p in model.named_parameters() if not is_sharded(p)]
         raise SFTMixError(
             f"the {accelerator.num_processes} processes hold different weights after training (parameter "
             f"{names[worst]}: sums {every[:, worst].tolist()}): gradients were not synchronised, so the run "

@@ -116,7 +116,8 @@ class DynamicsCallback(TrainerCallback):
         epochs: Record only the first ``epochs`` epochs and write the files at the end of the last of them.
         on_written: Called with the dynamics file's path once it is written.
         hook: Register the forward hook (False when the trainer feeds `record` itself, as `SFTMixTrainer` does).
-        model_name, fingerprint, scorer: What the summary records.
+        model_name, fingerprint, scorer: What the summary records (``scorer``: ``callback``; ``online`` inside
+            `sftmix.SFTMixTrainer`).
         order: The training examples' ids in dataset order (the file's order; default: the data loader's ``id``
             column, else first sighting).
     """
@@ -131,7 +132,7 @@ class DynamicsCallback(TrainerCallback):
         hook: bool = True,
         model_name: str | None = None,
         fingerprint: str | None = None,
-        scorer: str = "online",
+        scorer: str = "callback",
         order: Sequence[str] | None = None,
     ) -> None:
         self.output_dir = Path(output_dir) if output_dir is not None else None

@@ -28,6 +28,7 @@ from .scorers import (
     ScoreAtStepsCallback,
     existing_stage1,
     random_confidence,
+    scoring_dtype,
     unwrap_for_scoring,
     with_training_labels,
     write_stage1,
@@ -80,9 +81,11 @@ def prepare_stage1(trainer: Any) -> None:
         trainer.set_split(path)
     elif scorer == "base":
         model, name = _reference_model(trainer, copy_target=False)
-        model.to(trainer.accelerator.device)
+        model = unwrap_for_scoring(model).to(trainer.accelerator.device)
+        if scoring_dtype(args) is not None:  # bf16 weights, as a saved checkpoint would be scored
+            model = copy.deepcopy(model).to(scoring_dtype(args))
         perplexities = score_checkpoint(
-            unwrap_for_scoring(model), view, args.scoring_batch_size, chunk_size=args.head_chunk_size, bf16=bool(args.bf16),
+            model, view, args.scoring_batch_size, chunk_size=args.head_chunk_size, bf16=bool(args.bf16),
             desc="Scoring the base model",
         )  # fmt: skip
         del model
@@ -128,6 +131,7 @@ def prepare_stage1(trainer: Any) -> None:
                 args.head_chunk_size,
                 bool(args.bf16),
                 on_done=done,
+                dtype=scoring_dtype(args),
             )  # fmt: skip
         )
     elif scorer == "online":
@@ -135,6 +139,7 @@ def prepare_stage1(trainer: Any) -> None:
             out, correction=args.online_correction, window=args.online_window, epochs=1,
             on_written=trainer.set_split, hook=False,
             model_name=str(getattr(trainer.model.config, "_name_or_path", "")), fingerprint=fingerprint, order=ids,
+            scorer="online",
         )  # fmt: skip
         trainer.add_callback(recorder)
         trainer.nll_recorder = recorder
