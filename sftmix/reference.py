@@ -27,7 +27,7 @@ from transformers.trainer_utils import SaveStrategy
 from .errors import SFTMixError
 from .io_utils import atomic_write_json, last_complete_checkpoint
 from .models import load_model
-from .scorers import SCORES_DIR, ScoreAtStepsCallback, scoring_dtype
+from .scorers import SCORES_DIR, ScoreAtStepsCallback
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,6 @@ def train_reference(
         getattr(training_args, "head_chunk_size", 1024),
         bool(getattr(training_args, "bf16", False)),
         save=training_args.keep_reference_checkpoints,
-        dtype=scoring_dtype(training_args),
     )
     if marker.is_file():
         done = json.loads(marker.read_text(encoding="utf-8"))

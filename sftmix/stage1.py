@@ -28,7 +28,6 @@ from .scorers import (
     ScoreAtStepsCallback,
     existing_stage1,
     random_confidence,
-    scoring_dtype,
     unwrap_for_scoring,
     with_training_labels,
     write_stage1,
@@ -82,8 +81,6 @@ def prepare_stage1(trainer: Any) -> None:
     elif scorer == "base":
         model, name = _reference_model(trainer, copy_target=False)
         model = unwrap_for_scoring(model).to(trainer.accelerator.device)
-        if scoring_dtype(args) is not None:  # bf16 weights, as a saved checkpoint would be scored
-            model = copy.deepcopy(model).to(scoring_dtype(args))
         perplexities = score_checkpoint(
             model, view, args.scoring_batch_size, chunk_size=args.head_chunk_size, bf16=bool(args.bf16),
             desc="Scoring the base model",
@@ -131,7 +128,6 @@ def prepare_stage1(trainer: Any) -> None:
                 args.head_chunk_size,
                 bool(args.bf16),
                 on_done=done,
-                dtype=scoring_dtype(args),
             )  # fmt: skip
         )
     elif scorer == "online":
