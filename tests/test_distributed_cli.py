@@ -69,11 +69,11 @@ def _logs(out: Path) -> list[dict]:
     ]
 
 
-def _assert_same_training(two: Path, one: Path) -> None:
+def _assert_same_training(two: Path, one: Path, skip: tuple[str, ...] = ()) -> None:
     got, want = _logs(two), _logs(one)
     assert len(got) == len(want) > 0
     for a, b in zip(got, want, strict=True):
-        for key in LOGGED:
+        for key in (k for k in LOGGED if k not in skip):
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=LOSS_RTOL), (key, a, b)
     wa, wb = load_file(two / "final" / "model.safetensors"), load_file(one / "final" / "model.safetensors")
@@ -221,7 +221,7 @@ def test_fsdp2_trains_sftmix_like_one_process_and_resumes(setup):
     shutil.rmtree(resumed / "final")
     shutil.rmtree(resumed / "checkpoint-4")
     run(resumed, 4)  # resumes from the sharded checkpoint-2
-    _assert_same_training(resumed, one)
+    _assert_same_training(resumed, one, skip=("num_tokens",))  # TRL counts tokens from 0 again after a resume
     model = AutoModelForCausalLM.from_pretrained(two / "final")
     assert sum(p.numel() for p in model.parameters()) > 0
 
