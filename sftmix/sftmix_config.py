@@ -201,6 +201,10 @@ class SFTMixConfig(SFTConfig):
             self.use_cpu = True
             if self.ddp_backend is None and launched_world_size() > 1:
                 self.ddp_backend = "gloo"
+        if getattr(self, "use_liger_kernel", False) and not accelerator_available():
+            raise ValueError(
+                "use_liger_kernel needs a GPU (Liger's kernels are Triton): set use_liger_kernel=False"
+            )
         with warnings.catch_warnings():
             # TRL sets the deprecated alias `gradient_checkpointing`; transformers warns about it on every config.
             warnings.filterwarnings("ignore", message="`gradient_checkpointing", category=FutureWarning)

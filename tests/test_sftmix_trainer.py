@@ -417,3 +417,24 @@ def test_drop_in_on_a_plain_trl_dataset_without_ids(tmp_path, tiny_llama_dir, to
     trainer.train()
     logs = [e for e in trainer.state.log_history if "loss_mixup" in e]
     assert len(logs) == 2 and all(e["loss_mixup"] > 0 and e["mixed_tokens"] > 0 for e in logs)
+
+
+def test_neftune_with_mixup(tmp_path, tiny_llama_dir, tokenizer, dataset, dynamics):
+    """TRL's NEFTune (noise on the input embeddings) combines with Mixup: the noise changes the losses."""
+    runs = {}
+    for alpha in (None, 5.0):
+        trainer = SFTMixTrainer(
+            model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+            args=mixup_args(tmp_path / str(alpha), dynamics, neftune_noise_alpha=alpha),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+        trainer.train()
+        runs[alpha] = losses(trainer, "loss_mixup")
+    assert len(runs[5.0]) == 3 and all(x > 0 for x in runs[5.0])
+    assert runs[5.0] != runs[None]
+
+
+def test_liger_kernels_are_refused_without_a_gpu(tmp_path):
+    with pytest.raises(ValueError, match="use_liger_kernel needs a GPU"):
+        SFTMixConfig(output_dir=str(tmp_path), use_liger_kernel=True)
