@@ -438,3 +438,42 @@ def test_neftune_with_mixup(tmp_path, tiny_llama_dir, tokenizer, dataset, dynami
 def test_liger_kernels_are_refused_without_a_gpu(tmp_path):
     with pytest.raises(ValueError, match="use_liger_kernel needs a GPU"):
         SFTMixConfig(output_dir=str(tmp_path), use_liger_kernel=True)
+
+
+def test_lora_with_a_trained_lm_head(tmp_path, tiny_qwen2_dir, tokenizer, dataset, dynamics):
+    """LoRA plus a fully trained output head (``modules_to_save``): the Mixup gradient reaches the head's copy."""
+    from peft import LoraConfig
+
+    trainer = SFTMixTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir),
+        args=mixup_args(tmp_path, dynamics),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]
+        ),
+    )
+    heads = {
+        n: p.detach().clone()
+        for n, p in trainer.model.named_parameters()
+        if "lm_head" in n and p.requires_grad
+    }
+    assert heads
+    trainer.train()
+    trained = dict(trainer.model.named_parameters())
+    assert all(not torch.equal(heads[n], trained[n].detach()) for n in heads)
+    assert all(e > 0 for e in losses(trainer, "loss_mixup"))
+
+
+def test_moe_router_aux_loss_is_refused_with_mixup(tmp_path, tokenizer, dataset, dynamics):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1, output_router_logits=True, pad_token_id=1,
+    )  # fmt: skip
+    with pytest.raises(SFTMixError, match="auxiliary loss"):
+        SFTMixTrainer(
+            model=MixtralForCausalLM(config), args=mixup_args(tmp_path, dynamics), train_dataset=dataset,
+            processing_class=tokenizer,
+        )  # fmt: skip
