@@ -208,7 +208,8 @@ def _top_parser() -> argparse.ArgumentParser:
         prog="sftmix",
         description="SFTMix: Mixup-regularised instruction tuning on Hugging Face TRL.",
         epilog="Every command takes --config FILE.yaml plus --name value overrides; "
-        "`sftmix <command> --help` lists its options.",
+        "`sftmix <command> --help` lists its options. run, train and dynamics take --dry_run: check the config "
+        "and print the plan without loading weights or data.",
     )
     sub = parser.add_subparsers(dest="command", metavar="command")
     for name, text in COMMANDS.items():
