@@ -8,7 +8,6 @@ neighbouring steps, because the model measuring them improves as it trains.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from transformers import TrainerCallback
 
-from .data import IGNORE_INDEX
+from .data import IGNORE_INDEX, content_id
 from .errors import SFTMixError
 from .io_utils import atomic_write_json
 from .scorers import write_stage1
@@ -68,8 +67,8 @@ def progress_corrected_confidence(
     return out
 
 
-def _token_key(ids: Sequence[int] | torch.Tensor) -> str:
-    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()[:16]
+def _token_key(ids: Sequence[int]) -> str:
+    return content_id({"input_ids": ids})  # the id sftmix.data gives a tokenized row
 
 
 def _per_row_nll(output: Any, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:

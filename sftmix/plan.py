@@ -101,7 +101,7 @@ def plan(command: str, model_args: Any, data_args: DataArguments, args: SFTMixCo
         epochs = f"max_steps {args.max_steps}" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
         factor = MIXUP_STEP_OVER_NTP if mixup else 1.0
         if mixup and args.confidence_scorer in ("warmup", "online") and not args.dynamics_path:
-            start = int(args.reference_epochs) if args.confidence_scorer == "warmup" else 1
+            start = args.mixup_start_epoch
             cost = start + (args.num_train_epochs - start) * factor
         else:
             cost = args.num_train_epochs * factor

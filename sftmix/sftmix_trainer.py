@@ -139,7 +139,7 @@ class SFTMixTrainer(SFTTrainer):
 
     @staticmethod
     def _check_mixup_args(args: SFTMixConfig) -> None:
-        start = {"warmup": int(args.reference_epochs), "online": 1}.get(args.confidence_scorer, 0)
+        start = args.mixup_start_epoch
         if not args.dynamics_path and start and (args.max_steps > 0 or args.num_train_epochs <= start):
             raise SFTMixError(
                 f"confidence_scorer='{args.confidence_scorer}' needs num_train_epochs > {start} and no max_steps: "
@@ -181,8 +181,7 @@ class SFTMixTrainer(SFTTrainer):
         self._confident_by_id = read_dynamics_splits(dynamics_path)
         self._confident = align_split(self._confident_by_id, self.train_dataset["id"], dynamics_path)
         self.args.dynamics_path = str(dynamics_path)
-        scorer = self.args.confidence_scorer
-        self._mixup_from_epoch = {"warmup": int(self.args.reference_epochs), "online": 1}.get(scorer, 0)
+        self._mixup_from_epoch = self.args.mixup_start_epoch
         if self._sampler is None and self._mixup_from_epoch == 0:
             self._start_mixup()
 
