@@ -5,7 +5,8 @@ the work):
 
 - ``trl``: ``trl.SFTTrainer``;
 - ``ntp``: ``SFTMixTrainer`` with ``mixup_weight=0`` (the fair baseline);
-- ``sftmix``: ``SFTMixTrainer`` with ``mixup_weight=0.2``.
+- ``sftmix``: ``SFTMixTrainer`` with ``mixup_weight=0.2``;
+- ``ntp_compiled``, ``sftmix_compiled`` (with ``--kinds``): the same with ``torch_compile=True`` (inductor).
 
 Each measurement is a fresh process (so its peak RSS is its own), the three run interleaved for ``--rounds``
 rounds, and each reports the median of ``--steps`` timed steps after ``--warmup`` steps. Beside the ratios the
@@ -14,6 +15,7 @@ backward) over the model's training FLOPs per step.
 
     python benchmarks/bench_cost.py --model smollm2-135m-instruct --batch 8 --seq 128
     python benchmarks/bench_cost.py --model tiny
+    python benchmarks/bench_cost.py --kinds ntp sftmix ntp_compiled sftmix_compiled --warmup 3  # torch_compile
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-KINDS = ("trl", "ntp", "sftmix")
+KINDS = ("trl", "ntp", "sftmix", "ntp_compiled", "sftmix_compiled")
 
 
 def _tiny_model_dir(root: Path) -> str:
@@ -134,8 +136,13 @@ def _measure(
             model=net, args=SFTConfig(**common), train_dataset=data, processing_class=tokenizer
         )
     else:
-        weight = 0.2 if kind == "sftmix" else 0.0
-        args = SFTMixConfig(**common, mixup_weight=weight, dynamics_path=dynamics if weight else None)
+        weight = 0.2 if kind.startswith("sftmix") else 0.0
+        args = SFTMixConfig(
+            **common,
+            mixup_weight=weight,
+            dynamics_path=dynamics if weight else None,
+            torch_compile=kind.endswith("_compiled"),
+        )
         trainer = SFTMixTrainer(model=net, args=args, train_dataset=data, processing_class=tokenizer)
     trainer.add_callback(callback)
     trainer.train()
@@ -186,6 +193,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the three trainers")
     parser.add_argument("--fp32", action="store_true", help="train in fp32 instead of bf16 autocast")
+    parser.add_argument(
+        "--kinds", nargs="+", choices=KINDS, default=list(KINDS[:3]), help="trainers to compare"
+    )
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -196,11 +206,13 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
 
-    results: dict[str, list[dict]] = {k: [] for k in KINDS}
+    results: dict[str, list[dict]] = {k: [] for k in args.kinds}
     for r in range(args.rounds):
-        for kind in KINDS:
+        for kind in args.kinds:
             child_args = [
-                f"--{k}={v}" for k, v in vars(args).items() if k not in ("output", "_child", "fp32", "rounds")
+                f"--{k}={v}"
+                for k, v in vars(args).items()
+                if k not in ("output", "_child", "fp32", "rounds", "kinds")
             ]
             cmd = [sys.executable, __file__, "--_child", kind, *child_args] + (
                 ["--fp32"] if args.fp32 else []
@@ -219,6 +231,10 @@ def main() -> None:
     step = {k: statistics.median(t for res in v for t in res["step_times"]) for k, v in results.items()}
     rss = {k: max(res["peak_rss_mb"] for res in v) for k, v in results.items()}
     bound = _analytic_bound(args.model, args.batch, args.seq, args.prompt)
+
+    def ratio(a: str, b: str) -> float | None:
+        return step[a] / step[b] if a in step and b in step else None
+
     summary = {
         "model": args.model,
         "batch": args.batch,
@@ -227,9 +243,12 @@ def main() -> None:
         "dtype": "fp32" if args.fp32 else "bf16-autocast",
         "median_step_s": step,
         "peak_rss_mb": rss,
-        "sftmix_over_ntp": step["sftmix"] / step["ntp"],
-        "ntp_over_trl": step["ntp"] / step["trl"],
-        "memory_sftmix_over_ntp": rss["sftmix"] / rss["ntp"],
+        "sftmix_over_ntp": ratio("sftmix", "ntp"),
+        "ntp_over_trl": ratio("ntp", "trl"),
+        "memory_sftmix_over_ntp": rss["sftmix"] / rss["ntp"] if {"sftmix", "ntp"} <= rss.keys() else None,
+        "ntp_compiled_over_ntp": ratio("ntp_compiled", "ntp"),
+        "sftmix_compiled_over_sftmix": ratio("sftmix_compiled", "sftmix"),
+        "sftmix_compiled_over_ntp_compiled": ratio("sftmix_compiled", "ntp_compiled"),
         "analytic_bound": bound,
         "date": time.strftime("%Y-%m-%d"),
         "cpu_threads": os.cpu_count(),
@@ -239,11 +258,12 @@ def main() -> None:
         f"{args.rounds * args.steps} steps per trainer:"
     )
     print("| trainer | step (s) | peak RSS (MB) |\n| --- | --- | --- |")
-    for k in KINDS:
+    for k in args.kinds:
         print(f"| {k} | {step[k]:.3f} | {rss[k]:.0f} |")
-    print(f"SFTMix / NTP step time: {summary['sftmix_over_ntp']:.3f} (analytic bound {bound:.3f})")
-    print(f"sftmix NTP / TRL step time: {summary['ntp_over_trl']:.3f}")
-    print(f"peak memory SFTMix / NTP: {summary['memory_sftmix_over_ntp']:.3f}")
+    print(f"analytic bound of the Mixup overhead: {bound:.3f}")
+    for key, value in summary.items():
+        if ("_over_" in key) and value is not None:
+            print(f"{key}: {value:.3f}")
     if args.output:
         Path(args.output).write_text(json.dumps({"summary": summary, "runs": results}, indent=2))
 

@@ -430,6 +430,11 @@ def main() -> None:
     parser.add_argument("--evals", nargs="+", default=None, help="only these evaluation tasks (default: all)")
     parser.add_argument("--report", action="store_true", help="only print the tables of what has finished")
     parser.add_argument("--figure", default=None, help="overfit: also draw the per-epoch figure to this file")
+    parser.add_argument(
+        "--export",
+        default=None,
+        help="overfit: also copy results.{md,json} to this path prefix (.md / .json)",
+    )
     args = parser.parse_args()
     if args.study == "overfit":
         args.arms = args.arms or list(overfit_study.ARMS)
@@ -439,6 +444,8 @@ def main() -> None:
             overfit_study.run_overfit(args, sh, random_split)
         if args.figure:
             overfit_study.draw_figure(Path(args.root) / "overfit", Path(args.figure))
+        if args.export:
+            overfit_study.export(Path(args.root) / "overfit", Path(args.export))
         return
     args.arms = args.arms or ["ntp", "sftmix"]
     if "weak" in args.arms and not args.weak_reference and not args.report:

@@ -225,7 +225,7 @@ def _draw(values: np.ndarray, seed_idx: np.ndarray, item_idx: np.ndarray) -> np.
 
 def _band(values: list[float]) -> str:
     if len(values) == 1:
-        return f"{values[0]:.4f} (1 seed)"
+        return f"{values[0]:.4f}"
     return f"{statistics.mean(values):.4f} [{min(values):.4f}, {max(values):.4f}]"
 
 
@@ -244,7 +244,7 @@ def report_overfit(root: Path) -> None:
         for arm in arms:
             by_epoch = table[key].get(arm, {})
             cells = [
-                f"{_band(list(by_epoch[e].values()))} ({','.join(map(str, sorted(by_epoch[e])))})"
+                f"{_band(list(by_epoch[e].values()))} (s{','.join(map(str, sorted(by_epoch[e])))})"
                 if e in by_epoch
                 else ""
                 for e in EVAL_EPOCHS
@@ -252,6 +252,7 @@ def report_overfit(root: Path) -> None:
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += _comparisons(root, table, arms)
+    lines += _cheap_split_agreement(root)
     missing = [
         f"{arm}-s{seed}" for arm in ARMS for seed in (1, 2, 3) if not _all_evaluated(root / f"{arm}-s{seed}")
     ]
@@ -260,6 +261,35 @@ def report_overfit(root: Path) -> None:
     atomic_write_text(root / "results.md", text)
     atomic_write_json(root / "results.json", {"table": table, "missing": missing})
     print(text, flush=True)
+
+
+def _cheap_split_agreement(root: Path) -> list[str]:
+    """How far each ``cheap`` run's own split (the ``online`` scorer's) agrees with the paper's stage 1."""
+    paper = root / "dynamics" / "dynamics.jsonl"
+    if not paper.exists():
+        return []
+    want = {r["id"]: r["split"] for r in read_jsonl(paper)}
+    lines = []
+    for seed in (1, 2, 3):
+        own = root / f"cheap-s{seed}" / "dynamics" / "dynamics.jsonl"
+        if own.exists():
+            got = {r["id"]: r["split"] for r in read_jsonl(own)}
+            ids = sorted(got.keys() & want.keys())
+            same = sum(got[i] == want[i] for i in ids) / len(ids)
+            lines.append(f"- seed {seed}: {same:.1%} of {len(ids)} examples in the paper split's half")
+    if lines:
+        lines = [
+            "",
+            "`cheap` (the `online` scorer, made during each run's first epoch) vs the paper's stage 1:",
+            *lines,
+        ]
+    return lines
+
+
+def export(root: Path, prefix: Path) -> None:
+    """Copy the report to ``<prefix>.md`` / ``<prefix>.json`` (the repository's ``benchmarks/results/``)."""
+    atomic_write_text(prefix.with_suffix(".md"), (root / "results.md").read_text())
+    atomic_write_text(prefix.with_suffix(".json"), (root / "results.json").read_text())
 
 
 def _comparisons(root: Path, table: dict, arms: list[str]) -> list[str]:

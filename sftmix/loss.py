@@ -309,10 +309,10 @@ def sftmix_head_loss(
         mixed_tokens=torch.as_tensor(out.ce.shape[0] - num_ntp, device=hidden.device),
         entropy_sum=out.entropy[:num_ntp].sum(),
         num_correct=out.is_top1[:num_ntp].sum(),
-        # row-major order of hidden[mask]: the row of each NTP token
-        example_nll_sum=torch.zeros(labels.shape[0], dtype=torch.float64, device=hidden.device).index_add_(
-            0, mask.nonzero()[:, 0], out.ce[:num_ntp].detach().double()
-        ),
+        # the NTP tokens come in the row-major order of hidden[mask]: put each back in its row (traceable by dynamo)
+        example_nll_sum=torch.zeros(mask.shape, dtype=torch.float64, device=hidden.device)
+        .masked_scatter(mask, out.ce[:num_ntp].detach().double())
+        .sum(1),
         example_tokens=mask.sum(1),
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -51,7 +52,6 @@ def test_split_agreement_of_weak_and_own_reference(tmp_path):
 
 def _fake_eval(run: Path, epoch: int, name: str, shift: float) -> None:
     """An eval dir as `sftmix eval --task perplexity` writes it: 20 items, bins of 15."""
-    import json
 
     import numpy as np
 
@@ -97,3 +97,16 @@ def test_overfit_report_compares_each_arm_with_ntp_and_lists_missing_cells(tmp_p
     assert "ntp-s3" in text and "sftmix-s1" not in text.split("Missing")[1]
     overfit_study.draw_figure(root, tmp_path / "fig.png")
     assert (tmp_path / "fig.png").stat().st_size > 10_000
+    overfit_study.export(root, tmp_path / "exported")
+    assert (tmp_path / "exported.md").read_text() == text
+    assert json.loads((tmp_path / "exported.json").read_text())["missing"]
+
+
+def test_overfit_report_gives_the_cheap_splits_agreement(tmp_path):
+    root = tmp_path / "overfit"
+    paper = [{"id": f"x{i}", "split": "confident" if i < 4 else "unconfident"} for i in range(8)]
+    cheap = [{**r, "split": "confident" if i in (0, 1, 2, 7) else "unconfident"} for i, r in enumerate(paper)]
+    for path, rows in ((root / "dynamics", paper), (root / "cheap-s2" / "dynamics", cheap)):
+        path.mkdir(parents=True)
+        atomic_write_jsonl(path / "dynamics.jsonl", rows)
+    assert "- seed 2: 75.0% of 8 examples" in "\n".join(overfit_study._cheap_split_agreement(root))

@@ -6,6 +6,7 @@ the same global batches, so the logged losses and the final weights must agree u
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -25,6 +26,9 @@ LOGGED = ("loss", "grad_norm", "loss_ntp", "loss_mixup", "mixup_lambda", "mixed_
 # fp32 on 2 processes sums the gradients in another order than 1 process: ~1e-8 apart after a few steps
 WEIGHT_ATOL = 1e-6
 LOSS_RTOL = 1e-5
+NEEDS_DEEPSPEED = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed"
+)
 
 
 def _data(path: Path) -> Path:
@@ -36,7 +40,12 @@ def _data(path: Path) -> Path:
     return path
 
 
-def _launcher(kind: str, port: int) -> list[str]:
+def _launcher(kind: str | Path, port: int) -> list[str]:
+    if isinstance(kind, Path):  # an accelerate config file (FSDP2, DeepSpeed)
+        return [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(kind), "--main_process_port",
+            str(port), "-m", "sftmix.cli",
+        ]  # fmt: skip
     if kind == "one":
         return [sys.executable, "-m", "sftmix.cli"]
     if kind == "torchrun":
@@ -51,7 +60,9 @@ def _launcher(kind: str, port: int) -> list[str]:
     ]  # fmt: skip
 
 
-def _sftmix(kind: str, port: int, command: str, model: str, data: Path, out: Path, *extra: str) -> Path:
+def _sftmix(
+    kind: str | Path, port: int, command: str, model: str, data: Path, out: Path, *extra: str
+) -> Path:
     argv = [
         *_launcher(kind, port), command, "--model_name_or_path", model, "--dataset_name", str(data),
         "--output_dir", str(out), "--learning_rate", "1e-3", "--logging_steps", "1", "--report_to", "none",
@@ -77,7 +88,10 @@ def _assert_same_training(two: Path, one: Path, skip: tuple[str, ...] = ()) -> N
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=LOSS_RTOL), (key, a, b)
     wa, wb = load_file(two / "final" / "model.safetensors"), load_file(one / "final" / "model.safetensors")
-    assert wa.keys() == wb.keys()
+    # transformers' save under DeepSpeed ZeRO-1/2 writes a tied head again: the same tensor as the embeddings
+    assert set(wa) - set(wb) <= {"lm_head.weight"} and set(wb) <= set(wa)
+    if "lm_head.weight" not in wb and "lm_head.weight" in wa:
+        torch.testing.assert_close(wa["lm_head.weight"], wa["model.embed_tokens.weight"], rtol=0, atol=0)
     for name in wb:
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=WEIGHT_ATOL, msg=name)
     assert not list(two.glob("final.tmp*"))
@@ -125,16 +139,21 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _assert_same_split(got: Path, want: Path, rel: float = 1e-5) -> None:
+    """Two dynamics files name the same examples, in the same halves, with the same perplexities."""
+    a, b = _rows(got), _rows(want)
+    assert [r["id"] for r in a] == [r["id"] for r in b]
+    assert [r["split"] for r in a] == [r["split"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert x["perplexities"] == pytest.approx(y["perplexities"], rel=rel)
+
+
 def test_dynamics_on_two_processes_writes_the_same_file(setup):
     out = _sftmix(
         "torchrun", 29545, "dynamics", setup["model"], setup["data"], setup["root"] / "dyn_two",
         "--per_device_train_batch_size", "2", "--num_checkpoints", "2",
     )  # fmt: skip
-    got, want = _rows(out / "dynamics.jsonl"), _rows(setup["dynamics"])
-    assert [r["id"] for r in got] == [r["id"] for r in want]
-    assert [r["split"] for r in got] == [r["split"] for r in want]
-    for a, b in zip(got, want, strict=True):
-        assert a["perplexities"] == pytest.approx(b["perplexities"], rel=1e-5)
+    _assert_same_split(out / "dynamics.jsonl", setup["dynamics"])
 
 
 def test_run_on_two_processes_ends_with_one_final_model(setup):
@@ -170,73 +189,115 @@ def test_in_training_scorers_on_two_processes_equal_one_process(setup, scorer, p
             kind, port, "train", setup["model"], setup["data"], setup["root"] / f"{scorer}_{kind}",
             "--per_device_train_batch_size", str(batch), *extra,
         )  # fmt: skip
-    got, want = (_rows(runs[k] / "dynamics" / "dynamics.jsonl") for k in ("torchrun", "one"))
-    assert [r["id"] for r in got] == [r["id"] for r in want]
-    assert [r["split"] for r in got] == [r["split"] for r in want]
-    for a, b in zip(got, want, strict=True):
-        assert a["perplexities"] == pytest.approx(b["perplexities"], rel=1e-5)
+    _assert_same_split(*(runs[k] / "dynamics" / "dynamics.jsonl" for k in ("torchrun", "one")))
     _assert_same_training(runs["torchrun"], runs["one"])
     assert any("loss_mixup" in e for e in _logs(runs["torchrun"]))
 
 
-def _fsdp2_config(root: Path) -> Path:
-    """The shipped FSDP2 config, for 2 CPU processes (gloo) in fp32."""
+def _accelerate_config(root: Path, name: str) -> Path:
+    """The shipped accelerate config ``examples/accelerate/<name>.yaml``, for 2 CPU processes (gloo) in fp32.
+
+    ZeRO-3 gets the shipped settings as a DeepSpeed config file, plus ``stage3_param_persistence_threshold: 0``:
+    DeepSpeed leaves parameters under 1e5 elements whole, which would be every parameter of the tiny models, so
+    without it nothing (the head included) would be partitioned and the gathers would go untested.
+    """
     import yaml
 
-    config = yaml.safe_load((DDP_CONFIG.parent / "fsdp2.yaml").read_text())
+    config = yaml.safe_load((DDP_CONFIG.parent / f"{name}.yaml").read_text())
     config.update(num_processes=2, use_cpu=True, mixed_precision="no")
-    config["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] = False
-    path = root / "fsdp2_cpu.yaml"
+    if name == "fsdp2":
+        config["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] = False
+    if name == "deepspeed_zero3":
+        shipped = config["deepspeed_config"]
+        zero = {
+            "stage": shipped["zero_stage"],
+            "offload_optimizer": {"device": shipped["offload_optimizer_device"]},
+            "offload_param": {"device": shipped["offload_param_device"]},
+            "stage3_gather_16bit_weights_on_model_save": shipped["zero3_save_16bit_model"],
+            "stage3_param_persistence_threshold": 0,
+        }
+        auto = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+        ds_file = root / f"{name}.json"
+        ds_file.write_text(
+            json.dumps(
+                {"zero_optimization": zero, **dict.fromkeys(auto, "auto"), "gradient_clipping": "auto"}
+            )
+        )
+        config["deepspeed_config"] = {"deepspeed_config_file": str(ds_file), "zero3_init_flag": True}
+        del config["mixed_precision"]  # in the DeepSpeed file ("auto": the Trainer's bf16 flag)
+    path = root / f"{name}_cpu.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-def test_fsdp2_trains_sftmix_like_one_process_and_resumes(setup):
-    """FSDP2 (full shard, decoder layers wrapped, sharded checkpoints) on 2 CPU processes: the same losses and final
-    weights as one process with the same global batch; a run resumed from a sharded checkpoint ends the same; the
-    final model loads in plain transformers."""
+@pytest.mark.parametrize(
+    ("name", "port"),
+    [
+        ("fsdp2", 29549),
+        pytest.param("deepspeed_zero2", 29551, marks=NEEDS_DEEPSPEED),
+        pytest.param("deepspeed_zero3", 29552, marks=NEEDS_DEEPSPEED),
+    ],
+)
+def test_sharded_training_equals_one_process_and_resumes(setup, name, port):
+    """FSDP2 (full shard, decoder layers wrapped, sharded checkpoints) and DeepSpeed ZeRO-2/3 on 2 CPU processes:
+    the same losses and final weights as one process with the same global batch; a run resumed from the sharded
+    checkpoint ends the same; the final model loads in plain transformers."""
     from transformers import AutoModelForCausalLM
 
-    config = _fsdp2_config(setup["root"])
+    config = _accelerate_config(setup["root"], name)
     extra = ("--dynamics_path", str(setup["dynamics"]), "--save_strategy", "steps", "--save_steps", "2")
-    fsdp = ["--config_file", str(config), "--main_process_port", "29549"]
-    argv = [sys.executable, "-m", "accelerate.commands.launch", *fsdp, "-m", "sftmix.cli"]
 
-    def run(out: Path, steps: int) -> Path:
-        proc = subprocess.run(
-            [*argv, "train", "--model_name_or_path", setup["model"], "--dataset_name", str(setup["data"]),
-             "--output_dir", str(out), "--learning_rate", "1e-3", "--logging_steps", "1", "--report_to", "none",
-             "--bf16", "false", "--max_length", "128", "--seed", "3", "--per_device_train_batch_size", "2",
-             "--max_steps", str(steps), *extra],
-            env=ENV, capture_output=True, text=True, timeout=300,
+    def run(kind: str | Path, out: str, batch: int) -> Path:
+        return _sftmix(
+            kind, port, "train", setup["model"], setup["data"], setup["root"] / out,
+            "--per_device_train_batch_size", str(batch), "--max_steps", "4", *extra,
         )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        return out
 
-    two = run(setup["root"] / "fsdp2", 4)
-    one = _train(setup, "one", 0, "fsdp2_one", 4, "--max_steps", "4", *extra)
+    two = run(config, name, 2)
+    one = run("one", f"{name}_one", 4)
     _assert_same_training(two, one)
-    resumed = setup["root"] / "fsdp2_resumed"
+    resumed = setup["root"] / f"{name}_resumed"
     shutil.copytree(two, resumed)
     shutil.rmtree(resumed / "final")
     shutil.rmtree(resumed / "checkpoint-4")
-    run(resumed, 4)  # resumes from the sharded checkpoint-2
+    run(config, resumed.name, 2)  # resumes from the sharded checkpoint-2
     _assert_same_training(resumed, one, skip=("num_tokens",))  # TRL counts tokens from 0 again after a resume
     model = AutoModelForCausalLM.from_pretrained(two / "final")
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
-def test_fsdp2_stage_1_gives_the_same_split(setup):
-    """The reference run under FSDP2, scored in-process through the sharded model's own forward."""
-    config = _fsdp2_config(setup["root"])
-    argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
-            "29550", "-m", "sftmix.cli", "dynamics", "--model_name_or_path", setup["model"], "--dataset_name",
-            str(setup["data"]), "--output_dir", str(setup["root"] / "fsdp2_dyn"), "--learning_rate", "1e-3",
-            "--report_to", "none", "--bf16", "false", "--max_length", "128", "--seed", "3",
-            "--per_device_train_batch_size", "2", "--num_checkpoints", "2"]  # fmt: skip
-    proc = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    got, want = _rows(setup["root"] / "fsdp2_dyn" / "dynamics.jsonl"), _rows(setup["dynamics"])
-    assert [r["split"] for r in got] == [r["split"] for r in want]
-    for a, b in zip(got, want, strict=True):
-        assert a["perplexities"] == pytest.approx(b["perplexities"], rel=1e-4)
+@pytest.mark.parametrize(
+    ("name", "port"),
+    [
+        ("fsdp2", 29550),
+        pytest.param("deepspeed_zero3", 29553, marks=NEEDS_DEEPSPEED),
+    ],
+)
+def test_sharded_stage_1_gives_the_same_split(setup, tiny_qwen2_dir, name, port):
+    """Every scorer that trains, sharded: the reference run (`sftmix dynamics`, scored in-process through the
+    sharded model's own forward) and ``warmup`` / ``online`` (inside the target's training) give the split and
+    perplexities of one process; the untied head of a Qwen2 model is sharded apart from the embeddings."""
+    config = _accelerate_config(setup["root"], name)
+    for command, scorer in (("dynamics", "reference"), ("train", "warmup"), ("train", "online")):
+        extra = ("--confidence_scorer", scorer, "--num_checkpoints", "2", "--num_train_epochs", "2")
+        if command == "train":
+            extra += ("--save_strategy", "epoch")
+        runs = {
+            batch: _sftmix(
+                kind,
+                port,
+                command,
+                tiny_qwen2_dir,
+                setup["data"],
+                setup["root"] / f"{name}_{scorer}_{batch}",
+                "--per_device_train_batch_size",
+                str(batch),
+                *extra,
+            )  # fmt: skip
+            for kind, batch in ((config, 2), ("one", 4))
+        }
+        two, one = runs[2], runs[4]
+        if command == "train":
+            _assert_same_training(two, one)
+            two, one = two / "dynamics", one / "dynamics"
+        _assert_same_split(two / "dynamics.jsonl", one / "dynamics.jsonl", rel=1e-4)

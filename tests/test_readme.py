@@ -29,3 +29,14 @@ def test_ci_runs_the_readme_commands():
     setup, test = _first_block((ROOT / "README.md").read_text())
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert setup in ci and test in ci and ci.index(setup) < ci.index(test)
+
+
+def test_every_test_the_readme_cites_exists():
+    """The compatibility matrix (and any other line) names tests by function: each must exist in tests/."""
+    cited = set(re.findall(r"`(test_\w+)`", (ROOT / "README.md").read_text()))
+    defined = {
+        name
+        for path in (ROOT / "tests").glob("test_*.py")
+        for name in re.findall(r"^def (test_\w+)\(", path.read_text(), re.M)
+    }
+    assert cited and cited <= defined, sorted(cited - defined)

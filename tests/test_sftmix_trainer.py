@@ -435,6 +435,32 @@ def test_neftune_with_mixup(tmp_path, tiny_llama_dir, tokenizer, dataset, dynami
     assert runs[5.0] != runs[None]
 
 
+def test_torch_compile_with_mixup(tmp_path, tiny_llama_dir, tokenizer, dataset, dynamics):
+    """``torch_compile``: dynamo traces the model with the fused Mixup head inside its forward, and the losses are
+    those of the eager run. AOTAutograd's ``aot_eager`` backend traces forward and backward as inductor does, without
+    the C++ code generation that makes inductor slow to start (README: inductor's step time on SmolLM2)."""
+    import torch._dynamo
+
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        options = {"torch_compile": True, "torch_compile_backend": "aot_eager"} if compiled else {}
+        trainer = SFTMixTrainer(
+            model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+            args=mixup_args(tmp_path / str(compiled), dynamics, **options),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+        trainer.train()
+        runs[compiled] = losses(trainer), losses(trainer, "loss_mixup")
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert (graphs > 0) == compiled
+    assert runs[True][1] and all(x > 0 for x in runs[True][1])
+    for got, want in zip(runs[True], runs[False], strict=True):
+        assert got == pytest.approx(want, rel=1e-5)
+
+
 def test_liger_kernels_are_refused_without_a_gpu(tmp_path):
     with pytest.raises(ValueError, match="use_liger_kernel needs a GPU"):
         SFTMixConfig(output_dir=str(tmp_path), use_liger_kernel=True)
