@@ -351,7 +351,7 @@ def draw_figure(root: Path, output: Path) -> None:
                 values = [list(by_epoch[e].values()) for e in epochs]
                 mean = [statistics.mean(v) for v in values]
                 (line,) = ax.plot(
-                    epochs, mean, marker="o", label=f"{arm} ({max(len(v) for v in values)} seeds)"
+                    epochs, mean, marker="o", label=f"{arm} (seeds: {max(len(v) for v in values)})"
                 )
                 ax.fill_between(
                     epochs,
