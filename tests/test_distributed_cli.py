@@ -223,7 +223,10 @@ def _accelerate_config(root: Path, name: str) -> Path:
                 {"zero_optimization": zero, **dict.fromkeys(auto, "auto"), "gradient_clipping": "auto"}
             )
         )
-        config["deepspeed_config"] = {"deepspeed_config_file": str(ds_file), "zero3_init_flag": True}
+        config["deepspeed_config"] = {
+            "deepspeed_config_file": str(ds_file),
+            "zero3_init_flag": shipped["zero3_init_flag"],
+        }
         del config["mixed_precision"]  # in the DeepSpeed file ("auto": the Trainer's bf16 flag)
     path = root / f"{name}_cpu.yaml"
     path.write_text(yaml.safe_dump(config))
