@@ -304,7 +304,9 @@ def _comparisons(root: Path, table: dict, arms: list[str]) -> list[str]:
 
     def best(arm: str) -> int | None:
         by_epoch = table.get("indomain/perplexity", {}).get(arm, {})
-        return min(by_epoch, key=lambda e: statistics.mean(by_epoch[e].values())) if by_epoch else None
+        if set(by_epoch) != set(EVAL_EPOCHS):  # a best epoch among some of them would not be the arm's best
+            return None
+        return min(by_epoch, key=lambda e: statistics.mean(by_epoch[e].values()))
 
     for name in EVAL_SETS:
         for metric, stat in STATS.items():
