@@ -89,7 +89,7 @@ class SFTMixTrainer(SFTTrainer):
             )
         self._mixup = args.mixup_weight > 0
         self._confident_by_id, self._confident, self._sampler = None, None, None
-        self._mixup_on, self._mixup_from_epoch, self.nll_recorder = False, 0, None
+        self._mixup_on, self.nll_recorder = False, None
         if self._mixup:
             self._check_mixup_args(args)
             # Read (and validate) the dynamics file before the model and the dataset are prepared
@@ -181,8 +181,7 @@ class SFTMixTrainer(SFTTrainer):
         self._confident_by_id = read_dynamics_splits(dynamics_path)
         self._confident = align_split(self._confident_by_id, self.train_dataset["id"], dynamics_path)
         self.args.dynamics_path = str(dynamics_path)
-        self._mixup_from_epoch = self.args.mixup_start_epoch
-        if self._sampler is None and self._mixup_from_epoch == 0:
+        if self._sampler is None and self.args.mixup_start_epoch == 0:
             self._start_mixup()
 
     def _start_mixup(self) -> None:

@@ -151,5 +151,9 @@ class MixupSwitch(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         t = self.trainer
-        if not t._mixup_on and t._confident is not None and int(state.epoch + 1e-6) >= t._mixup_from_epoch:
+        if (
+            not t._mixup_on
+            and t._confident is not None
+            and int(state.epoch + 1e-6) >= t.args.mixup_start_epoch
+        ):
             t._start_mixup()
