@@ -35,27 +35,11 @@ import numpy as np
 
 from sftmix.io_utils import atomic_write_json, atomic_write_jsonl, read_jsonl
 from sftmix.online import progress_corrected_confidence
-from sftmix.splits import median_split
+from sftmix.splits import split_agreement
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 ALPACA = SHARED / "alpaca_52k_en_zh_parts"
 SCORERS = ("reference", "warmup", "online", "base", "random")
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x))
-    return ranks
-
-
-def agreement(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
-    """Same-half share and Spearman's rho of two ``{id: confidence}`` maps over their common ids."""
-    ids = sorted(set(a) & set(b))
-    x, y = np.array([a[i] for i in ids]), np.array([b[i] for i in ids])
-    same = float((median_split(x) == median_split(y)).mean())
-    rho = float(np.corrcoef(_ranks(x), _ranks(y))[0, 1])
-    return {"same_half": round(same, 4), "spearman": round(rho, 4), "n": len(ids)}
 
 
 def _sample(root: Path, n: int) -> Path:
@@ -169,7 +153,7 @@ def main() -> None:
             "end_to_end_over_ntp": round(times[s] / ntp, 3),
             "stage1_seconds": round(stage1_seconds(sections[s], s), 1),
             "stage1_ntp_epochs": round(stage1_seconds(sections[s], s) / epoch, 3),
-            "agreement_with_reference": agreement(confidence[s], confidence["reference"]),
+            "agreement_with_reference": split_agreement(confidence[s], confidence["reference"]),
         }
         for s in SCORERS
     }
@@ -181,7 +165,7 @@ def main() -> None:
         for window in (1, 2, 4, 8) if method != "none" else (0,):
             conf = progress_corrected_confidence(steps, log_ppl, method, window)
             found = dict(zip((r["id"] for r in online_rows), conf.tolist(), strict=True))
-            corrections[f"{method}:{window}"] = agreement(found, confidence["reference"])
+            corrections[f"{method}:{window}"] = split_agreement(found, confidence["reference"])
     result = {
         "settings": vars(args),
         "date": time.strftime("%Y-%m-%d"),

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from sftmix.io_utils import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
+from sftmix.splits import split_agreement
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import overfit_study  # noqa: E402
@@ -260,29 +261,23 @@ def report(root: Path) -> None:
                 seeds = ", ".join(f"s{s}: {by_seed[s]:.4f}" for s in sorted(by_seed))
                 cells.append(f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} ({seeds})")
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
-    lines += ["", *paired_comparison(root), *split_agreement(root)]
+    lines += ["", *paired_comparison(root), *weak_split_agreement(root)]
     text = "\n".join(lines) + "\n"
     atomic_write_text(root / "results.md", text)
     atomic_write_json(root / "results.json", table)
     print(text)
 
 
-def split_agreement(root: Path) -> list[str]:
+def weak_split_agreement(root: Path) -> list[str]:
     """How far the weak reference's split agrees with the target's own (the weak-to-strong premise)."""
     own, weak = root / "dynamics" / "dynamics.jsonl", root / "dynamics-weak" / "dynamics.jsonl"
     if not (own.exists() and weak.exists()):
         return []
-    a = {r["id"]: r for r in read_jsonl(own)}
-    b = {r["id"]: r for r in read_jsonl(weak)}
-    ids = sorted(a.keys() & b.keys())
-    same = sum(a[i]["split"] == b[i]["split"] for i in ids) / len(ids)
-    # Spearman's rho: Pearson's r of the ranks (confidences are continuous, so ties are negligible).
-    ranks = [np.argsort(np.argsort([d[i]["confidence"] for i in ids])) for d in (a, b)]
-    rho = float(np.corrcoef(*ranks)[0, 1])
+    agree = split_agreement(*({r["id"]: r["confidence"] for r in read_jsonl(path)} for path in (own, weak)))
     return [
         "",
-        f"Weak reference vs the target's own stage 1, {len(ids)} examples: {same:.1%} in the same half "
-        f"(50% expected by chance), Spearman's rho of confidence {rho:.3f}.",
+        f"Weak reference vs the target's own stage 1, {agree['n']} examples: {agree['same_half']:.1%} in the same "
+        f"half (50% expected by chance), Spearman's rho of confidence {agree['spearman']:.3f}.",
     ]
 
 
@@ -431,21 +426,20 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only print the tables of what has finished")
     parser.add_argument("--figure", default=None, help="overfit: also draw the per-epoch figure to this file")
     parser.add_argument(
-        "--export",
-        default=None,
-        help="overfit: also copy results.{md,json} to this path prefix (.md / .json)",
+        "--record",
+        default=str(overfit_study.RECORD),
+        help="overfit: where every finished evaluation is kept and the report is written (<record>.md / .json)",
     )
     args = parser.parse_args()
     if args.study == "overfit":
         args.arms = args.arms or list(overfit_study.ARMS)
         if args.report:
-            overfit_study.report_overfit(Path(args.root) / "overfit")
+            overfit_study.sync_record(Path(args.root) / "overfit", Path(args.record))
+            overfit_study.report_overfit(Path(args.record))
         else:
             overfit_study.run_overfit(args, sh, random_split)
         if args.figure:
-            overfit_study.draw_figure(Path(args.root) / "overfit", Path(args.figure))
-        if args.export:
-            overfit_study.export(Path(args.root) / "overfit", Path(args.export))
+            overfit_study.draw_figure(Path(args.record), Path(args.figure))
         return
     args.arms = args.arms or ["ntp", "sftmix"]
     if "weak" in args.arms and not args.weak_reference and not args.report:

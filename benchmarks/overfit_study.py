@@ -11,14 +11,20 @@ Arms (same data, steps and seeds): ``ntp``; ``sftmix`` (mixup_weight 0.2, the pa
 ``random`` (0.2, the split's labels shuffled per seed); ``neftune`` (TRL's ``neftune_noise_alpha=5``,
 mixup_weight 0); ``label_smoothing`` (0.1, mixup_weight 0); ``cheap`` (SFTMix with the cheapest stage-1
 scorer that agrees with the paper's split: ``confidence_scorer=online``, measured during the run's own first
-epoch at no extra cost, Mixup from epoch 2; its split's agreement with the paper's is in the report). Every (arm, seed, epoch) evaluation is written atomically as soon as it exists; rerunning the
-command continues (training resumes from its last checkpoint, finished evaluations are kept). A run's epoch
-checkpoints are deleted once its evaluations exist (the final model stays).
+epoch at no extra cost, Mixup from epoch 2; its split's agreement with the paper's is in the report).
+
+Two places: ``--root`` holds the working files (data, checkpoints, eval dirs), the *record*
+(``benchmarks/results/efficacy_overfit/``, committed) keeps every finished (arm, seed, epoch, set) evaluation as
+one small ``.npz``: its metrics and the per-item fields the paired bootstrap resamples, written atomically as
+soon as the evaluation exists. The report is made from the record alone, and a rerun, on this machine or a
+fresh one, skips what the record has: training resumes from its last checkpoint, finished evaluations are
+kept. A run's epoch checkpoints are deleted once its evaluations are recorded (the final model stays).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import random
 import shutil
@@ -29,9 +35,17 @@ from pathlib import Path
 import numpy as np
 
 from sftmix.evaluation.calibration import ece_from_bins
-from sftmix.io_utils import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
+from sftmix.io_utils import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_jsonl,
+    atomic_write_text,
+    read_jsonl,
+)
+from sftmix.splits import split_agreement
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+RECORD = Path(__file__).resolve().parent / "results" / "efficacy_overfit"
 ALPACA = (
     str(SHARED / "alpaca_52k_en_zh_parts"),
     "instruction=en_instruction,input=en_input,output=en_output",
@@ -90,9 +104,10 @@ def _epoch_checkpoints(run: Path) -> dict[int, Path]:
 
 
 def run_overfit(args: argparse.Namespace, sh, random_split) -> None:
-    root = Path(args.root) / "overfit"
+    root, record = Path(args.root) / "overfit", Path(args.record)
     root.mkdir(parents=True, exist_ok=True)
     log = root / "study.log"
+    sync_record(root, record)
     sets = make_sets(root)
     common = [
         "--model_name_or_path", args.model, "--dataset_name", str(sets["train"]),
@@ -102,86 +117,134 @@ def run_overfit(args: argparse.Namespace, sh, random_split) -> None:
         "--gradient_checkpointing", "false", "--logging_steps", "5", "--report_to", "tensorboard",
     ]  # fmt: skip
     arms = [arm for group in ORDER for arm in group if arm in args.arms]
-    split = None
-    if {"sftmix", "random"} & set(arms):
-        if not (root / "dynamics" / "dynamics.jsonl").exists():
-            cmd = ["sftmix", "dynamics", *common, "--output_dir", str(root / "dynamics"), "--seed", "0"]
-            sh([*cmd, "--num_checkpoints", str(args.num_checkpoints)], log)
-        split = root / "dynamics" / "dynamics.jsonl"
+    todo = [f"{a}-s{seed}" for a in arms for seed in args.seeds if not _all_evaluated(record, f"{a}-s{seed}")]
+    # The paper's split: this machine's stage 1, else the recorded one (a split file too), else run stage 1.
+    split = root / "dynamics" / "dynamics.jsonl"
+    if not split.exists() and (record / "dynamics.jsonl").exists():
+        split = record / "dynamics.jsonl"
+    if not split.exists() and any(run.rsplit("-s", 1)[0] in ("sftmix", "random") for run in todo):
+        cmd = ["sftmix", "dynamics", *common, "--output_dir", str(root / "dynamics"), "--seed", "0"]
+        sh([*cmd, "--num_checkpoints", str(args.num_checkpoints)], log)
+        sync_record(root, record)
     for group in ORDER:
         for seed in args.seeds:
             for arm in (a for a in group if a in arms):
                 run = root / f"{arm}-s{seed}"
-                if not _all_evaluated(run):
-                    if not (run / "final" / "config.json").exists():
-                        extra = list(ARMS[arm])
-                        if arm == "sftmix":
-                            extra += ["--dynamics_path", str(split)]
-                        elif arm == "random":
-                            extra += [
-                                "--dynamics_path",
-                                str(random_split(split, root / f"random_split-s{seed}.jsonl", seed)),
-                            ]
-                        cmd = ["sftmix", "train", *common, *extra, "--num_train_epochs", str(EPOCHS)]
-                        sh(
-                            [*cmd, "--save_strategy", "epoch", "--seed", str(seed), "--output_dir", str(run)],
-                            log,
-                        )
-                    evaluate_run(run, sets, args, sh, log)
-                for checkpoint in run.glob("checkpoint-*"):  # evaluated: the final model is enough
+                if _all_evaluated(record, run.name):
+                    continue
+                if not (run / "final" / "config.json").exists():
+                    extra = list(ARMS[arm])
+                    if arm == "sftmix":
+                        extra += ["--dynamics_path", str(split)]
+                    elif arm == "random":
+                        extra += [
+                            "--dynamics_path",
+                            str(random_split(split, root / f"random_split-s{seed}.jsonl", seed)),
+                        ]
+                    cmd = ["sftmix", "train", *common, *extra, "--num_train_epochs", str(EPOCHS)]
+                    sh([*cmd, "--save_strategy", "epoch", "--seed", str(seed), "--output_dir", str(run)], log)
+                evaluate_run(run, record, sets, sh, log)
+                for checkpoint in run.glob("checkpoint-*"):  # recorded: the final model is enough
                     shutil.rmtree(checkpoint)
-                report_overfit(root)
+                report_overfit(record)
 
 
-def _all_evaluated(run: Path) -> bool:
-    return all((run / "eval" / f"e{e}" / s / "eval.json").exists() for e in EVAL_EPOCHS for s in EVAL_SETS)
-
-
-def evaluate_run(run: Path, sets: dict[str, Path], args: argparse.Namespace, sh, log: Path) -> None:
+def evaluate_run(run: Path, record: Path, sets: dict[str, Path], sh, log: Path) -> None:
+    """Evaluate each epoch's model on each held-out set, recording each result as soon as it exists."""
     models = _epoch_checkpoints(run)
     for epoch in EVAL_EPOCHS:
         for name in EVAL_SETS:
-            out = run / "eval" / f"e{epoch}" / name
-            if (out / "eval.json").exists():
+            if (record / run.name / f"e{epoch}-{name}.npz").exists():
                 continue
-            if epoch not in models:
-                raise SystemExit(
-                    f"{run}: no checkpoint of epoch {epoch} to evaluate (found {sorted(models)})"
-                )
-            cmd = ["sftmix", "eval", "--model_name_or_path", str(models[epoch]), "--task", "perplexity"]
-            sh([*cmd, "--data_path", str(sets[name]), "--batch_size", "8", "--output_dir", str(out)], log)
+            out = run / "eval" / f"e{epoch}" / name
+            if not (out / "eval.json").exists():
+                if epoch not in models:
+                    raise SystemExit(
+                        f"{run}: no checkpoint of epoch {epoch} to evaluate (found {sorted(models)})"
+                    )
+                cmd = ["sftmix", "eval", "--model_name_or_path", str(models[epoch]), "--task", "perplexity"]
+                sh([*cmd, "--data_path", str(sets[name]), "--batch_size", "8", "--output_dir", str(out)], log)
+            record_eval(record, run, epoch, name)
+    sync_record(run.parent, record)  # the run's own split (`cheap`)
 
 
-# ---- report --------------------------------------------------------------------------------------------------
-def _results(root: Path) -> dict[str, dict[str, dict[int, dict[int, float]]]]:
-    """``{set/metric: {arm: {epoch: {seed: value}}}}`` from every finished evaluation."""
+# ---- the record: what the report is made from ----------------------------------------------------------------
+ITEM_FIELDS = ("nll", "tokens", "count", "confidence", "correct")
+
+
+def record_eval(record: Path, run: Path, epoch: int, name: str) -> None:
+    """Keep one finished evaluation: its metrics and, per item (sorted by id), the fields the bootstrap needs."""
+    out = run / "eval" / f"e{epoch}" / name
+    metrics = json.loads((out / "eval.json").read_text())["perplexity"]
+    rows = sorted(read_jsonl(out / "predictions.jsonl"), key=lambda r: r["id"])
+    arrays = {
+        "metrics": np.array([metrics[m] for m in METRICS], dtype=np.float64),
+        "ids": np.array([r["id"] for r in rows]),
+        "nll": np.array([r["nll"] for r in rows], dtype=np.float64),
+        "tokens": np.array([r["tokens"] for r in rows], dtype=np.int64),
+        # float32 bins (counts exact, confidence sums to 1e-7): ~25 KB an evaluation of 300 items
+        **{
+            k: np.array([r["bins"][k] for r in rows], dtype=np.float32)
+            for k in ("count", "confidence", "correct")
+        },
+    }
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write_bytes(record / run.name / f"e{epoch}-{name}.npz", buffer.getvalue())
+
+
+def sync_record(root: Path, record: Path) -> None:
+    """Record what ``root`` has finished and the record lacks: evaluations, the paper's split, each cheap split."""
+    if not root.exists():
+        return
+    for result in root.glob("*-s*/eval/e*/*/eval.json"):
+        run, epoch, name = result.parents[3], int(result.parent.parent.name[1:]), result.parent.name
+        if name in EVAL_SETS and not (record / run.name / f"e{epoch}-{name}.npz").exists():
+            record_eval(record, run, epoch, name)
+    for source, target in [
+        (root / "dynamics" / "dynamics.jsonl", record / "dynamics.jsonl"),
+        *(
+            (run / "dynamics" / "dynamics.jsonl", record / run.name / "dynamics.jsonl")
+            for run in root.glob("cheap-s*")
+        ),
+    ]:
+        if source.exists() and not target.exists():
+            rows = ({k: r[k] for k in ("id", "confidence", "split")} for r in read_jsonl(source))
+            atomic_write_jsonl(target, rows)
+
+
+def _load(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _all_evaluated(record: Path, run: str) -> bool:
+    return all((record / run / f"e{e}-{s}.npz").exists() for e in EVAL_EPOCHS for s in EVAL_SETS)
+
+
+def _results(record: Path) -> dict[str, dict[str, dict[int, dict[int, float]]]]:
+    """``{set/metric: {arm: {epoch: {seed: value}}}}`` from every recorded evaluation."""
     table: dict = {}
-    for run in sorted(root.glob("*-s*")):
-        arm, seed = run.name.rsplit("-s", 1)
-        for result in run.glob("eval/e*/*/eval.json"):
-            epoch, name = int(result.parent.parent.name[1:]), result.parent.name
-            metrics = json.loads(result.read_text())["perplexity"]
-            for metric in METRICS:
-                table.setdefault(f"{name}/{metric}", {}).setdefault(arm, {}).setdefault(epoch, {})[
-                    int(seed)
-                ] = metrics[metric]
+    for path in sorted(record.glob("*-s*/e*-*.npz")):
+        arm, seed = path.parent.name.rsplit("-s", 1)
+        epoch, name = path.stem[1:].split("-", 1)
+        for metric, value in zip(METRICS, _load(path)["metrics"], strict=True):
+            table.setdefault(f"{name}/{metric}", {}).setdefault(arm, {}).setdefault(int(epoch), {})[
+                int(seed)
+            ] = float(value)
     return table
 
 
-def _items(run: Path, epoch: int, name: str) -> dict[str, np.ndarray] | None:
-    """Per-item fields of one evaluation: ``{field: [items, k]}``, items sorted by id."""
-    path = run / "eval" / f"e{epoch}" / name / "predictions.jsonl"
+def _items(record: Path, run: str, epoch: int, name: str) -> dict[str, np.ndarray] | None:
+    """Per-item fields of one evaluation, ``{field: [items, k]}``; None if not recorded or recorded without them."""
+    path = record / run / f"e{epoch}-{name}.npz"
     if not path.exists():
         return None
-    rows = sorted(read_jsonl(path), key=lambda r: r["id"])
-    return {
-        "ids": np.array([r["id"] for r in rows]),
-        "nll": np.array([[r["nll"]] for r in rows]),
-        "tokens": np.array([[r["tokens"]] for r in rows], dtype=np.float64),
-        "count": np.array([r["bins"]["count"] for r in rows], dtype=np.float64),
-        "confidence": np.array([r["bins"]["confidence"] for r in rows]),
-        "correct": np.array([r["bins"]["correct"] for r in rows]),
-    }
+    data = _load(path)
+    if "nll" not in data:
+        return None
+    fields = {k: data[k].astype(np.float64) for k in ITEM_FIELDS}
+    return {"ids": data["ids"], **{k: v[:, None] if v.ndim == 1 else v for k, v in fields.items()}}
 
 
 # Statistics of the paired comparison: each reduces the items axis (-2) of [..., items, k] fields.
@@ -229,8 +292,9 @@ def _band(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} [{min(values):.4f}, {max(values):.4f}]"
 
 
-def report_overfit(root: Path) -> None:
-    table = _results(root)
+def report_overfit(record: Path) -> None:
+    """Tables, comparisons and missing cells, from the record alone, to ``<record>.md`` / ``<record>.json``."""
+    table = _results(record)
     arms = [a for group in ORDER for a in group if any(a in table.get(m, {}) for m in table)]
     lines = [
         f"Efficacy study `overfit` ({time.strftime('%Y-%m-%d')}): {N_TRAIN} Alpaca examples x {EPOCHS} epochs; "
@@ -251,32 +315,39 @@ def report_overfit(root: Path) -> None:
             ]
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += _comparisons(root, table, arms)
-    lines += _cheap_split_agreement(root)
+    lines += _comparisons(record, table, arms)
+    lines += _cheap_split_agreement(record)
+    without = sorted({p.parent.name for p in record.glob("*-s*/e*-*.npz") if "nll" not in _load(p)})
+    if without:
+        lines += [
+            "",
+            f"Recorded without per-item fields (in the tables, not in the comparisons): {', '.join(without)}.",
+        ]
     missing = [
-        f"{arm}-s{seed}" for arm in ARMS for seed in (1, 2, 3) if not _all_evaluated(root / f"{arm}-s{seed}")
+        f"{arm}-s{seed}" for arm in ARMS for seed in (1, 2, 3) if not _all_evaluated(record, f"{arm}-s{seed}")
     ]
     lines += ["", f"Missing (arm-seed, not all 4 epochs evaluated): {', '.join(missing) or 'none'}."]
     text = "\n".join(lines) + "\n"
-    atomic_write_text(root / "results.md", text)
-    atomic_write_json(root / "results.json", {"table": table, "missing": missing})
+    atomic_write_text(record.with_suffix(".md"), text)
+    atomic_write_json(record.with_suffix(".json"), {"table": table, "missing": missing})
     print(text, flush=True)
 
 
-def _cheap_split_agreement(root: Path) -> list[str]:
+def _cheap_split_agreement(record: Path) -> list[str]:
     """How far each ``cheap`` run's own split (the ``online`` scorer's) agrees with the paper's stage 1."""
-    paper = root / "dynamics" / "dynamics.jsonl"
+    paper = record / "dynamics.jsonl"
     if not paper.exists():
         return []
-    want = {r["id"]: r["split"] for r in read_jsonl(paper)}
+    want = {r["id"]: r["confidence"] for r in read_jsonl(paper)}
     lines = []
     for seed in (1, 2, 3):
-        own = root / f"cheap-s{seed}" / "dynamics" / "dynamics.jsonl"
+        own = record / f"cheap-s{seed}" / "dynamics.jsonl"
         if own.exists():
-            got = {r["id"]: r["split"] for r in read_jsonl(own)}
-            ids = sorted(got.keys() & want.keys())
-            same = sum(got[i] == want[i] for i in ids) / len(ids)
-            lines.append(f"- seed {seed}: {same:.1%} of {len(ids)} examples in the paper split's half")
+            agree = split_agreement({r["id"]: r["confidence"] for r in read_jsonl(own)}, want)
+            lines.append(
+                f"- seed {seed}: {agree['same_half']:.1%} of {agree['n']} examples in the paper split's half "
+                f"(Spearman's rho of confidence {agree['spearman']:.3f})"
+            )
     if lines:
         lines = [
             "",
@@ -286,13 +357,7 @@ def _cheap_split_agreement(root: Path) -> list[str]:
     return lines
 
 
-def export(root: Path, prefix: Path) -> None:
-    """Copy the report to ``<prefix>.md`` / ``<prefix>.json`` (the repository's ``benchmarks/results/``)."""
-    atomic_write_text(prefix.with_suffix(".md"), (root / "results.md").read_text())
-    atomic_write_text(prefix.with_suffix(".json"), (root / "results.json").read_text())
-
-
-def _comparisons(root: Path, table: dict, arms: list[str]) -> list[str]:
+def _comparisons(record: Path, table: dict, arms: list[str]) -> list[str]:
     lines = [
         "Each arm minus `ntp` (lower is better for both), at the last epoch and at the arm's own best epoch (lowest "
         "mean in-domain perplexity over its seeds; `ntp` at its own best epoch then), on the seeds both have; "
@@ -318,10 +383,8 @@ def _comparisons(root: Path, table: dict, arms: list[str]) -> list[str]:
                         continue
                     seeds, a, b = [], [], []
                     for seed in (1, 2, 3):
-                        x, y = (
-                            _items(root / f"{arm}-s{seed}", ea, name),
-                            _items(root / f"ntp-s{seed}", eb, name),
-                        )
+                        x = _items(record, f"{arm}-s{seed}", ea, name)
+                        y = _items(record, f"ntp-s{seed}", eb, name)
                         if x is not None and y is not None:
                             seeds.append(seed)
                             a.append(x)
@@ -337,13 +400,13 @@ def _comparisons(root: Path, table: dict, arms: list[str]) -> list[str]:
     return lines
 
 
-def draw_figure(root: Path, output: Path) -> None:
+def draw_figure(record: Path, output: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = _results(root)
+    table = _results(record)
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
     for row, name in enumerate(EVAL_SETS):
         for col, metric in enumerate(("perplexity", "ece")):

@@ -4,7 +4,8 @@ SFTMix's stage 2, from the ``[N, C]`` perplexities ``Perp_c(i)`` of N examples a
 
 - `confidence_scores`: ``Confidence(i) = -(1/C) sum_c Perp_c(i)``;
 - `median_split`: the top half by confidence is confident (`CONFIDENT`), the rest unconfident (`UNCONFIDENT`);
-- `variability_scores`: the std of ``Perp_c(i)`` over c, the x axis of the data map (the split ignores it).
+- `variability_scores`: the std of ``Perp_c(i)`` over c, the x axis of the data map (the split ignores it);
+- `split_agreement`: how far two scorings put the same examples in the same half (comparing scorers).
 
 `build_dynamics_rows` makes the file's rows (one JSON object per example: ``id``, ``index``, ``perplexities``,
 ``confidence``, ``variability``, ``split``, ``num_response_tokens``) and `write_dynamics` writes them atomically;
@@ -97,6 +98,25 @@ def variability_scores(perplexities: Any) -> np.ndarray:
     if perplexities.ndim != 2 or perplexities.shape[1] == 0:
         raise ValueError(f"perplexities must be [N, C] with C >= 1, got shape {perplexities.shape}")
     return perplexities.std(axis=1)
+
+
+def split_agreement(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, float]:
+    """How far two scorings of the same examples agree, over their common ids (``{id: confidence}`` each).
+
+    ``same_half``: the share of examples `median_split` puts in the same half under both (0.5 by chance);
+    ``spearman``: Spearman's rho of the confidences (ties are negligible for continuous scores); ``n``: ids.
+
+    >>> split_agreement({"a": 3.0, "b": 2.0, "c": 1.0, "d": 0.0}, {"a": 2.0, "b": 3.0, "c": 0.0, "d": 1.0})
+    {'same_half': 1.0, 'spearman': 0.6, 'n': 4}
+    """
+    ids = sorted(a.keys() & b.keys())
+    if len(ids) < 2:
+        raise ValueError(f"split_agreement needs at least 2 common ids, got {len(ids)}")
+    x, y = (np.array([d[i] for i in ids], dtype=np.float64) for d in (a, b))
+    same = float((median_split(x) == median_split(y)).mean())
+    ranks = [np.argsort(np.argsort(v, kind="stable"), kind="stable") for v in (x, y)]
+    rho = float(np.corrcoef(*ranks)[0, 1])
+    return {"same_half": round(same, 4), "spearman": round(rho, 4), "n": len(ids)}
 
 
 def _round(x: float) -> float:

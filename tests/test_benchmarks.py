@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from sftmix.io_utils import atomic_write_jsonl, read_jsonl
 
@@ -37,25 +40,22 @@ def test_random_split_keeps_sizes_and_ids_and_depends_on_seed(tmp_path):
 
 def test_split_agreement_of_weak_and_own_reference(tmp_path):
     root = tmp_path / "alpaca"
-    assert efficacy_study.split_agreement(root) == []  # no weak run: nothing to report
+    assert efficacy_study.weak_split_agreement(root) == []  # no weak run: nothing to report
     for name in ("dynamics", "dynamics-weak"):
         (root / name).mkdir(parents=True)
     _dynamics(root / "dynamics" / "dynamics.jsonl", [1.0, 2.0, 3.0, 4.0])
     # The same halves, the ranks swapped inside the low one.
     _dynamics(root / "dynamics-weak" / "dynamics.jsonl", [2.0, 1.0, 3.0, 4.0])
-    (line,) = [s for s in efficacy_study.split_agreement(root) if s]
+    (line,) = [s for s in efficacy_study.weak_split_agreement(root) if s]
     assert "100.0% in the same half" in line and "rho of confidence 0.800" in line
     _dynamics(root / "dynamics-weak" / "dynamics.jsonl", [4.0, 3.0, 2.0, 1.0])  # reversed ranking
-    (line,) = [s for s in efficacy_study.split_agreement(root) if s]
+    (line,) = [s for s in efficacy_study.weak_split_agreement(root) if s]
     assert "0.0% in the same half" in line and "rho of confidence -1.000" in line
 
 
-def _fake_eval(run: Path, epoch: int, name: str, shift: float) -> None:
+def _fake_eval(out: Path, shift: float, seed: int = 0) -> None:
     """An eval dir as `sftmix eval --task perplexity` writes it: 20 items, bins of 15."""
-
-    import numpy as np
-
-    rng = np.random.default_rng(epoch)
+    rng = np.random.default_rng(seed)
     rows = []
     for i in range(20):
         count = rng.integers(0, 3, 15).astype(float)
@@ -65,6 +65,7 @@ def _fake_eval(run: Path, epoch: int, name: str, shift: float) -> None:
                 "id": f"x{i}",
                 "tokens": int(count.sum()) + 1,
                 "nll": float(rng.uniform(1, 3) + shift),
+                "perplexity": 1.0,
                 "bins": {
                     "count": count.tolist(),
                     "confidence": conf.tolist(),
@@ -72,22 +73,24 @@ def _fake_eval(run: Path, epoch: int, name: str, shift: float) -> None:
                 },
             }
         )
-    out = run / "eval" / f"e{epoch}" / name
     out.mkdir(parents=True)
     atomic_write_jsonl(out / "predictions.jsonl", rows)
     metrics = dict.fromkeys(overfit_study.METRICS, 1.0 + shift)
     (out / "eval.json").write_text(json.dumps({"perplexity": metrics}))
 
 
-def test_overfit_report_compares_each_arm_with_ntp_and_lists_missing_cells(tmp_path):
-    root = tmp_path / "overfit"
+def test_overfit_report_is_made_from_the_record_and_compares_each_arm_with_ntp(tmp_path):
+    root, record = tmp_path / "overfit", tmp_path / "results" / "efficacy_overfit"
     for arm, shift in (("ntp", 0.0), ("sftmix", 0.5)):
         for seed in (1, 2):
             for epoch in overfit_study.EVAL_EPOCHS:
                 for name in overfit_study.EVAL_SETS:
-                    _fake_eval(root / f"{arm}-s{seed}", epoch, name, shift)
-    overfit_study.report_overfit(root)
-    text = (root / "results.md").read_text()
+                    _fake_eval(root / f"{arm}-s{seed}" / "eval" / f"e{epoch}" / name, shift, epoch)
+    overfit_study.sync_record(root, record)
+    assert len(list(record.glob("*/*.npz"))) == 2 * 2 * 4 * 2
+    shutil.rmtree(root)  # a fresh machine: the report needs the record only
+    overfit_study.report_overfit(record)
+    text = (tmp_path / "results" / "efficacy_overfit.md").read_text()
     # every item's NLL is 0.5 higher: perplexity up, ECE unchanged (the bins are the same)
     row = next(line for line in text.splitlines() if line.startswith("| indomain/perplexity | sftmix (last)"))
     diff, interval = row.split(" | ")[4], row.split(" | ")[5]
@@ -95,18 +98,95 @@ def test_overfit_report_compares_each_arm_with_ntp_and_lists_missing_cells(tmp_p
     ece = next(line for line in text.splitlines() if line.startswith("| ood/ece | sftmix (last)"))
     assert float(ece.split(" | ")[4]) == 0.0
     assert "ntp-s3" in text and "sftmix-s1" not in text.split("Missing")[1]
-    overfit_study.draw_figure(root, tmp_path / "fig.png")
+    assert "| sftmix | 1.5000 [1.5000, 1.5000] (s1,2) |" in text
+    assert json.loads((tmp_path / "results" / "efficacy_overfit.json").read_text())["missing"]
+    overfit_study.draw_figure(record, tmp_path / "fig.png")
     assert (tmp_path / "fig.png").stat().st_size > 10_000
-    overfit_study.export(root, tmp_path / "exported")
-    assert (tmp_path / "exported.md").read_text() == text
-    assert json.loads((tmp_path / "exported.json").read_text())["missing"]
+
+
+def test_overfit_record_without_items_is_tabulated_but_not_compared(tmp_path):
+    record = tmp_path / "efficacy_overfit"
+    for arm in ("ntp", "random"):
+        for epoch in overfit_study.EVAL_EPOCHS:
+            for name in overfit_study.EVAL_SETS:
+                metrics = np.full(len(overfit_study.METRICS), 2.0)
+                (record / f"{arm}-s1").mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(record / f"{arm}-s1" / f"e{epoch}-{name}.npz", metrics=metrics)
+    overfit_study.report_overfit(record)
+    text = (tmp_path / "efficacy_overfit.md").read_text()
+    assert "| random | 2.0000 (s1) |" in text
+    assert "| random (last)" not in text
+    assert "without per-item fields (in the tables, not in the comparisons): ntp-s1, random-s1." in text
 
 
 def test_overfit_report_gives_the_cheap_splits_agreement(tmp_path):
-    root = tmp_path / "overfit"
-    paper = [{"id": f"x{i}", "split": "confident" if i < 4 else "unconfident"} for i in range(8)]
-    cheap = [{**r, "split": "confident" if i in (0, 1, 2, 7) else "unconfident"} for i, r in enumerate(paper)]
-    for path, rows in ((root / "dynamics", paper), (root / "cheap-s2" / "dynamics", cheap)):
+    root, record = tmp_path / "overfit", tmp_path / "efficacy_overfit"
+
+    def rows(confidence: list[float]) -> list[dict]:
+        top = sorted(range(8), key=lambda i: -confidence[i])[:4]
+        return [
+            {"id": f"x{i}", "confidence": c, "split": "confident" if i in top else "unconfident"}
+            for i, c in enumerate(confidence)
+        ]
+
+    paper = rows([8.0, 7, 6, 5, 4, 3, 2, 1])
+    cheap = rows([8.0, 7, 6, 3, 2, 1, 0, 5])  # x3 and x7 swap halves
+    for path, dynamics in ((root / "dynamics", paper), (root / "cheap-s2" / "dynamics", cheap)):
         path.mkdir(parents=True)
-        atomic_write_jsonl(path / "dynamics.jsonl", rows)
-    assert "- seed 2: 75.0% of 8 examples" in "\n".join(overfit_study._cheap_split_agreement(root))
+        atomic_write_jsonl(path / "dynamics.jsonl", [{**r, "perplexities": [1.0]} for r in dynamics])
+    overfit_study.sync_record(root, record)
+    assert read_jsonl(record / "dynamics.jsonl") == paper  # kept slim: what a split file needs
+    (line,) = [s for s in overfit_study._cheap_split_agreement(record) if s.startswith("- ")]
+    assert line.startswith("- seed 2: 75.0% of 8 examples in the paper split's half")
+
+
+def test_overfit_study_continues_from_the_record_on_a_fresh_machine(tmp_path, monkeypatch):
+    """A rerun skips what the record holds; a lost evaluation retrains its run on the recorded split."""
+    commands: list[list[str]] = []
+
+    def sh(cmd: list[str], log: Path) -> None:
+        commands.append(cmd)
+        out = Path(cmd[cmd.index("--output_dir") + 1])
+        if cmd[1] == "dynamics":
+            rows = [
+                {"id": f"x{i}", "confidence": -i, "split": "confident" if i < 4 else "unconfident"}
+                for i in range(8)
+            ]
+            (out).mkdir(parents=True)
+            atomic_write_jsonl(out / "dynamics.jsonl", rows)
+        elif cmd[1] == "train":
+            for epoch in (1, 2, 4):
+                (out / f"checkpoint-{epoch}").mkdir(parents=True)
+                (out / f"checkpoint-{epoch}" / "trainer_state.json").write_text(
+                    json.dumps({"epoch": float(epoch)})
+                )
+            (out / "final").mkdir()
+            (out / "final" / "config.json").write_text("{}")
+        else:
+            _fake_eval(out, 0.0)
+
+    def make_sets(root: Path) -> dict[str, Path]:
+        return {name: root / f"{name}.jsonl" for name in ("train", "indomain", "ood")}
+
+    monkeypatch.setattr(overfit_study, "make_sets", make_sets)
+    args = efficacy_study.argparse.Namespace(
+        root=str(tmp_path / "runs"), record=str(tmp_path / "record"), arms=["ntp", "sftmix"], seeds=[1],
+        model="m", max_length=64, batch=2, grad_accum=1, lr=1e-5, num_checkpoints=2,
+    )  # fmt: skip
+    overfit_study.run_overfit(args, sh, efficacy_study.random_split)
+    assert [c[1] for c in commands] == ["dynamics", "train", *["eval"] * 8, "train", *["eval"] * 8]
+    assert len(list((tmp_path / "record").glob("*/*.npz"))) == 16
+    assert not list((tmp_path / "runs").glob("*/checkpoint-*"))  # recorded: checkpoints deleted
+
+    shutil.rmtree(tmp_path / "runs")  # a fresh machine with the committed record
+    commands.clear()
+    overfit_study.run_overfit(args, sh, efficacy_study.random_split)
+    assert commands == []
+
+    shutil.rmtree(tmp_path / "runs")
+    (tmp_path / "record" / "sftmix-s1" / "e8-ood.npz").unlink()
+    overfit_study.run_overfit(args, sh, efficacy_study.random_split)
+    train, evaluate = commands
+    assert train[train.index("--dynamics_path") + 1] == str(tmp_path / "record" / "dynamics.jsonl")
+    assert evaluate[evaluate.index("--output_dir") + 1].endswith("sftmix-s1/eval/e8/ood")
+    assert (tmp_path / "record" / "sftmix-s1" / "e8-ood.npz").exists()

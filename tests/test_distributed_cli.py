@@ -285,20 +285,12 @@ def test_sharded_stage_1_gives_the_same_split(setup, tiny_qwen2_dir, name, port)
         extra = ("--confidence_scorer", scorer, "--num_checkpoints", "2", "--num_train_epochs", "2")
         if command == "train":
             extra += ("--save_strategy", "epoch")
-        runs = {
-            batch: _sftmix(
-                kind,
-                port,
-                command,
-                tiny_qwen2_dir,
-                setup["data"],
-                setup["root"] / f"{name}_{scorer}_{batch}",
-                "--per_device_train_batch_size",
-                str(batch),
-                *extra,
+        runs = {}
+        for kind, batch in ((config, 2), ("one", 4)):
+            runs[batch] = _sftmix(
+                kind, port, command, tiny_qwen2_dir, setup["data"], setup["root"] / f"{name}_{scorer}_{batch}",
+                "--per_device_train_batch_size", str(batch), *extra,
             )  # fmt: skip
-            for kind, batch in ((config, 2), ("one", 4))
-        }
         two, one = runs[2], runs[4]
         if command == "train":
             _assert_same_training(two, one)

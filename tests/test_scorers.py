@@ -1,4 +1,5 @@
-"""sftmix.scorers / sftmix.stage1: the five confidence scorers from Python, and DynamicsCallback on plain TRL.
+"""sftmix.scorers / sftmix.stage1: the five confidence scorers from Python, and DynamicsCallback on plain TRL and on
+SFTMixTrainer.
 
 The kill -9 tests of every scorer's stage 1 through ``sftmix run`` are in test_resume.py.
 """
@@ -154,6 +155,17 @@ def test_dynamics_callback_on_plain_trl_sft_trainer(tmp_path, tiny_llama_dir, to
     SFTMixTrainer(model=tiny_llama_dir, args=args, train_dataset=data, processing_class=tokenizer).train()
     base = sorted(r["perplexities"][0] for r in read_jsonl(tmp_path / "base" / "dynamics" / "dynamics.jsonl"))
     np.testing.assert_allclose(sorted(r["perplexities"][0] for r in rows), base, rtol=1e-4)
+    # The same callback on an SFTMixTrainer run (sftmix's fused head returns the per-row NLL it records).
+    args = SFTMixConfig(
+        output_dir=str(tmp_path / "mix"),
+        mixup_weight=0.0,
+        **{**config, "learning_rate": 0.0, "num_train_epochs": 1},
+    )
+    trainer = SFTMixTrainer(model=tiny_llama_dir, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.add_callback(DynamicsCallback())
+    trainer.train()
+    mixed = sorted(r["perplexities"][0] for r in read_jsonl(tmp_path / "mix" / "dynamics" / "dynamics.jsonl"))
+    np.testing.assert_allclose(mixed, base, rtol=1e-4)
 
 
 def test_sftmix_train_cli_runs_stage_1_itself(tmp_path, tiny_llama_dir):
