@@ -423,7 +423,11 @@ def main() -> None:
     )
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--evals", nargs="+", default=None, help="only these evaluation tasks (default: all)")
-    parser.add_argument("--report", action="store_true", help="only print the tables of what has finished")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="only print the tables of what has finished (overfit: after recording --root's finished evaluations)",
+    )
     parser.add_argument("--figure", default=None, help="overfit: also draw the per-epoch figure to this file")
     parser.add_argument(
         "--record",

@@ -118,43 +118,51 @@ def run_overfit(args: argparse.Namespace, sh, random_split) -> None:
     ]  # fmt: skip
     arms = [arm for group in ORDER for arm in group if arm in args.arms]
     todo = [f"{a}-s{seed}" for a in arms for seed in args.seeds if not _all_evaluated(record, f"{a}-s{seed}")]
-    # The paper's split: this machine's stage 1, else the recorded one (a split file too), else run stage 1.
-    split = root / "dynamics" / "dynamics.jsonl"
-    if not split.exists() and (record / "dynamics.jsonl").exists():
-        split = record / "dynamics.jsonl"
+    # The paper's split, one for every seed and machine: the recorded one (a split file too), else stage 1 here.
+    split = record / "dynamics.jsonl"
     if not split.exists() and any(run.rsplit("-s", 1)[0] in ("sftmix", "random") for run in todo):
-        cmd = ["sftmix", "dynamics", *common, "--output_dir", str(root / "dynamics"), "--seed", "0"]
-        sh([*cmd, "--num_checkpoints", str(args.num_checkpoints)], log)
+        if not (root / "dynamics" / "dynamics.jsonl").exists():
+            cmd = ["sftmix", "dynamics", *common, "--output_dir", str(root / "dynamics"), "--seed", "0"]
+            sh([*cmd, "--num_checkpoints", str(args.num_checkpoints)], log)
         sync_record(root, record)
     for group in ORDER:
         for seed in args.seeds:
             for arm in (a for a in group if a in arms):
                 run = root / f"{arm}-s{seed}"
-                if _all_evaluated(record, run.name):
-                    continue
-                if not (run / "final" / "config.json").exists():
-                    extra = list(ARMS[arm])
-                    if arm == "sftmix":
-                        extra += ["--dynamics_path", str(split)]
-                    elif arm == "random":
-                        extra += [
-                            "--dynamics_path",
-                            str(random_split(split, root / f"random_split-s{seed}.jsonl", seed)),
-                        ]
-                    cmd = ["sftmix", "train", *common, *extra, "--num_train_epochs", str(EPOCHS)]
-                    sh([*cmd, "--save_strategy", "epoch", "--seed", str(seed), "--output_dir", str(run)], log)
-                evaluate_run(run, record, sets, sh, log)
+                if not _all_evaluated(record, run.name):
+                    # Trained here: every epoch is evaluated from this training, replacing what the record holds
+                    # of the run (an earlier machine's training, maybe without per-item fields).
+                    trained_here = not (run / "final" / "config.json").exists()
+                    if trained_here:
+                        extra = list(ARMS[arm])
+                        if arm == "sftmix":
+                            extra += ["--dynamics_path", str(split)]
+                        elif arm == "random":
+                            extra += [
+                                "--dynamics_path",
+                                str(random_split(split, root / f"random_split-s{seed}.jsonl", seed)),
+                            ]
+                        cmd = ["sftmix", "train", *common, *extra, "--num_train_epochs", str(EPOCHS)]
+                        sh(
+                            [*cmd, "--save_strategy", "epoch", "--seed", str(seed), "--output_dir", str(run)],
+                            log,
+                        )
+                    evaluate_run(run, record, sets, sh, log, replace=trained_here)
+                    report_overfit(record)
                 for checkpoint in run.glob("checkpoint-*"):  # recorded: the final model is enough
                     shutil.rmtree(checkpoint)
-                report_overfit(record)
+    report_overfit(record)
 
 
-def evaluate_run(run: Path, record: Path, sets: dict[str, Path], sh, log: Path) -> None:
-    """Evaluate each epoch's model on each held-out set, recording each result as soon as it exists."""
+def evaluate_run(
+    run: Path, record: Path, sets: dict[str, Path], sh, log: Path, replace: bool = False
+) -> None:
+    """Evaluate each epoch's model on each held-out set, recording each result as soon as it exists; with
+    ``replace``, also the evaluations the record already holds (they came from another training of the run)."""
     models = _epoch_checkpoints(run)
     for epoch in EVAL_EPOCHS:
         for name in EVAL_SETS:
-            if (record / run.name / f"e{epoch}-{name}.npz").exists():
+            if not replace and (record / run.name / f"e{epoch}-{name}.npz").exists():
                 continue
             out = run / "eval" / f"e{epoch}" / name
             if not (out / "eval.json").exists():
@@ -328,8 +336,8 @@ def report_overfit(record: Path) -> None:
     ]
     lines += ["", f"Missing (arm-seed, not all 4 epochs evaluated): {', '.join(missing) or 'none'}."]
     text = "\n".join(lines) + "\n"
-    atomic_write_text(record.with_suffix(".md"), text)
-    atomic_write_json(record.with_suffix(".json"), {"table": table, "missing": missing})
+    atomic_write_text(record.parent / f"{record.name}.md", text)
+    atomic_write_json(record.parent / f"{record.name}.json", {"table": table, "missing": missing})
     print(text, flush=True)
 
 
@@ -360,37 +368,42 @@ def _cheap_split_agreement(record: Path) -> list[str]:
 def _comparisons(record: Path, table: dict, arms: list[str]) -> list[str]:
     lines = [
         "Each arm minus `ntp` (lower is better for both), at the last epoch and at the arm's own best epoch (lowest "
-        "mean in-domain perplexity over its seeds; `ntp` at its own best epoch then), on the seeds both have; "
-        "95% paired bootstrap interval over seeds and items (10,000 resamples):",
+        "mean in-domain perplexity over the compared seeds; `ntp` at its own best epoch then), on the seeds both "
+        "have with per-item fields; 95% paired bootstrap interval over seeds and items (10,000 resamples):",
         "",
         "| set/metric | arm − ntp | epochs (arm / ntp) | seeds | difference | 95% interval | per-seed |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
 
-    def best(arm: str) -> int | None:
-        by_epoch = table.get("indomain/perplexity", {}).get(arm, {})
-        if set(by_epoch) != set(EVAL_EPOCHS):  # a best epoch among some of them would not be the arm's best
-            return None
-        return min(by_epoch, key=lambda e: statistics.mean(by_epoch[e].values()))
+    def paired(arm: str, epochs: tuple[int, ...]) -> list[int]:
+        """Seeds where the arm and ntp both have per-item fields at these epochs, on both sets."""
+        return [
+            seed
+            for seed in (1, 2, 3)
+            if all(
+                _items(record, f"{a}-s{seed}", e, name) is not None
+                for a in (arm, "ntp")
+                for e in epochs
+                for name in EVAL_SETS
+            )
+        ]
+
+    def best(arm: str, seeds: list[int]) -> int:
+        by_epoch = table["indomain/perplexity"][arm]
+        return min(EVAL_EPOCHS, key=lambda e: statistics.mean(by_epoch[e][s] for s in seeds))
 
     for name in EVAL_SETS:
         for metric, stat in STATS.items():
-            for arm in arms:
-                if arm == "ntp":
-                    continue
-                for which, (ea, eb) in (("last", (EPOCHS, EPOCHS)), ("best", (best(arm), best("ntp")))):
-                    if ea is None or eb is None:
-                        continue
-                    seeds, a, b = [], [], []
-                    for seed in (1, 2, 3):
-                        x = _items(record, f"{arm}-s{seed}", ea, name)
-                        y = _items(record, f"ntp-s{seed}", eb, name)
-                        if x is not None and y is not None:
-                            seeds.append(seed)
-                            a.append(x)
-                            b.append(y)
+            for arm in (a for a in arms if a != "ntp"):
+                last, whole = paired(arm, (EPOCHS,)), paired(arm, EVAL_EPOCHS)
+                cases = [("last", EPOCHS, EPOCHS, last)]
+                if whole:  # a best epoch among some of the epochs would not be the arm's best
+                    cases.append(("best", best(arm, whole), best("ntp", whole), whole))
+                for which, ea, eb, seeds in cases:
                     if not seeds:
                         continue
+                    a = [_items(record, f"{arm}-s{seed}", ea, name) for seed in seeds]
+                    b = [_items(record, f"ntp-s{seed}", eb, name) for seed in seeds]
                     diff, low, high, per_seed = paired_bootstrap(a, b, stat)
                     shown = ", ".join(f"s{s}: {d:+.4f}" for s, d in zip(seeds, per_seed, strict=True))
                     lines.append(

@@ -103,13 +103,15 @@ def variability_scores(perplexities: Any) -> np.ndarray:
 def split_agreement(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, float]:
     """How far two scorings of the same examples agree, over their common ids (``{id: confidence}`` each).
 
-    ``same_half``: the share of examples `median_split` puts in the same half under both (0.5 by chance);
-    ``spearman``: Spearman's rho of the confidences (ties are negligible for continuous scores); ``n``: ids.
+    ``same_half``: the share of examples that `median_split` of each scoring's confidences puts in the same half
+    (0.5 by chance); ``spearman``: Spearman's rho of the confidences (ranks of ties by order); ``n``: common ids.
+    The halves are recomputed over the common ids in ``a``'s order, so for two ``dynamics.jsonl`` files of one
+    dataset read in file order they are the files' own splits, ties included.
 
     >>> split_agreement({"a": 3.0, "b": 2.0, "c": 1.0, "d": 0.0}, {"a": 2.0, "b": 3.0, "c": 0.0, "d": 1.0})
     {'same_half': 1.0, 'spearman': 0.6, 'n': 4}
     """
-    ids = sorted(a.keys() & b.keys())
+    ids = [i for i in a if i in b]
     if len(ids) < 2:
         raise ValueError(f"split_agreement needs at least 2 common ids, got {len(ids)}")
     x, y = (np.array([d[i] for i in ids], dtype=np.float64) for d in (a, b))

@@ -179,14 +179,22 @@ def test_overfit_study_continues_from_the_record_on_a_fresh_machine(tmp_path, mo
     assert not list((tmp_path / "runs").glob("*/checkpoint-*"))  # recorded: checkpoints deleted
 
     shutil.rmtree(tmp_path / "runs")  # a fresh machine with the committed record
+    (tmp_path / "record.md").unlink()
     commands.clear()
     overfit_study.run_overfit(args, sh, efficacy_study.random_split)
     assert commands == []
+    assert (tmp_path / "record.md").exists()  # reported though nothing was left to do
 
+    # A run the record holds in part (one evaluation lost, one without per-item fields) is trained again here,
+    # on the recorded split, and every epoch of it is evaluated from this training.
     shutil.rmtree(tmp_path / "runs")
-    (tmp_path / "record" / "sftmix-s1" / "e8-ood.npz").unlink()
+    run = tmp_path / "record" / "sftmix-s1"
+    (run / "e8-ood.npz").unlink()
+    np.savez_compressed(run / "e1-indomain.npz", metrics=np.zeros(len(overfit_study.METRICS)))
     overfit_study.run_overfit(args, sh, efficacy_study.random_split)
-    train, evaluate = commands
+    train, *evaluations = commands
+    assert train[1] == "train" and train[train.index("--output_dir") + 1].endswith("sftmix-s1")
     assert train[train.index("--dynamics_path") + 1] == str(tmp_path / "record" / "dynamics.jsonl")
-    assert evaluate[evaluate.index("--output_dir") + 1].endswith("sftmix-s1/eval/e8/ood")
-    assert (tmp_path / "record" / "sftmix-s1" / "e8-ood.npz").exists()
+    assert len(evaluations) == 8 and all(c[1] == "eval" for c in evaluations)
+    assert (run / "e8-ood.npz").exists()
+    assert "nll" in np.load(run / "e1-indomain.npz").files

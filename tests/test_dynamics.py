@@ -24,7 +24,7 @@ from sftmix.io_utils import read_jsonl
 from sftmix.reference import checkpoint_steps
 from sftmix.scoring import length_grouped_batches, response_token_counts, score_checkpoint
 from sftmix.sftmix_config import DataArguments, SFTMixConfig
-from sftmix.splits import confidence_scores, median_split, variability_scores
+from sftmix.splits import confidence_scores, median_split, split_agreement, variability_scores
 
 # ---------------------------------------------------------------------------------------------------------
 # The arithmetic
@@ -63,6 +63,21 @@ def test_split_ties_and_odd_n():
     # A tie straddling the median: of the two -2.0 examples the earlier (index 1) wins.
     assert median_split([-5.0, -2.0, -1.0, -2.0]).tolist() == [False, True, True, False]
     assert median_split([]).tolist() == []
+
+
+def test_split_agreement_uses_the_files_own_split_on_ties_and_odd_n():
+    # Five examples, a tie across the median in a: median_split in a's order puts e1 (not e3) in the top half.
+    a = {"e0": 5.0, "e1": 2.0, "e2": 1.0, "e3": 2.0, "e4": 0.0}
+    b = {"e4": 0.0, "e3": 4.0, "e2": 1.0, "e1": 3.0, "e0": 5.0}  # another order, e3 above e1
+    agree = split_agreement(a, b)
+    assert agree["n"] == 5
+    assert agree["same_half"] == pytest.approx(3 / 5)  # e1 and e3 swap halves, the rest agree
+    assert split_agreement(a, a) == {"same_half": 1.0, "spearman": 1.0, "n": 5}
+    # reversed: -1 but for the tie (e1, e3), which keeps its order in both
+    assert split_agreement(a, {k: -v for k, v in a.items()})["spearman"] == pytest.approx(-0.9)
+    assert split_agreement(a, {"e0": 1.0, "e1": 2.0, "x": 3.0})["n"] == 2  # only the common ids
+    with pytest.raises(ValueError, match="at least 2 common ids"):
+        split_agreement(a, {"x": 1.0})
 
 
 def test_math_rejects_bad_input():
