@@ -162,7 +162,7 @@ def evaluate_run(
     models = _epoch_checkpoints(run)
     for epoch in EVAL_EPOCHS:
         for name in EVAL_SETS:
-            if not replace and (record / run.name / f"e{epoch}-{name}.npz").exists():
+            if not replace and _items(record, run.name, epoch, name) is not None:
                 continue
             out = run / "eval" / f"e{epoch}" / name
             if not (out / "eval.json").exists():
@@ -227,7 +227,8 @@ def _load(path: Path) -> dict[str, np.ndarray]:
 
 
 def _all_evaluated(record: Path, run: str) -> bool:
-    return all((record / run / f"e{e}-{s}.npz").exists() for e in EVAL_EPOCHS for s in EVAL_SETS)
+    """Every epoch and set recorded with its per-item fields (without them a run is redone: no intervals)."""
+    return all(_items(record, run, e, s) is not None for e in EVAL_EPOCHS for s in EVAL_SETS)
 
 
 def _results(record: Path) -> dict[str, dict[str, dict[int, dict[int, float]]]]:
@@ -329,12 +330,16 @@ def report_overfit(record: Path) -> None:
     if without:
         lines += [
             "",
-            f"Recorded without per-item fields (in the tables, not in the comparisons): {', '.join(without)}.",
+            f"Recorded without per-item fields (in the tables, not in the comparisons; a rerun trains them "
+            f"again): {', '.join(without)}.",
         ]
     missing = [
         f"{arm}-s{seed}" for arm in ARMS for seed in (1, 2, 3) if not _all_evaluated(record, f"{arm}-s{seed}")
     ]
-    lines += ["", f"Missing (arm-seed, not all 4 epochs evaluated): {', '.join(missing) or 'none'}."]
+    lines += [
+        "",
+        f"Missing (arm-seed, not all 4 epochs evaluated with per-item fields): {', '.join(missing) or 'none'}.",
+    ]
     text = "\n".join(lines) + "\n"
     atomic_write_text(record.parent / f"{record.name}.md", text)
     atomic_write_json(record.parent / f"{record.name}.json", {"table": table, "missing": missing})
