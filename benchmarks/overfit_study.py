@@ -117,7 +117,8 @@ def run_overfit(args: argparse.Namespace, sh, random_split) -> None:
         "--gradient_checkpointing", "false", "--logging_steps", "5", "--report_to", "tensorboard",
     ]  # fmt: skip
     arms = [arm for group in ORDER for arm in group if arm in args.arms]
-    todo = [f"{a}-s{seed}" for a in arms for seed in args.seeds if not _all_evaluated(record, f"{a}-s{seed}")]
+    done = load_record(record)
+    todo = [f"{a}-s{seed}" for a in arms for seed in args.seeds if not _all_evaluated(done, f"{a}-s{seed}")]
     # The paper's split, one for every seed and machine: the recorded one (a split file too), else stage 1 here.
     split = record / "dynamics.jsonl"
     if not split.exists() and any(run.rsplit("-s", 1)[0] in ("sftmix", "random") for run in todo):
@@ -129,7 +130,7 @@ def run_overfit(args: argparse.Namespace, sh, random_split) -> None:
         for seed in args.seeds:
             for arm in (a for a in group if a in arms):
                 run = root / f"{arm}-s{seed}"
-                if not _all_evaluated(record, run.name):
+                if run.name in todo:
                     # Trained here: every epoch is evaluated from this training, replacing what the record holds
                     # of the run (an earlier machine's training, maybe without per-item fields).
                     trained_here = not (run / "final" / "config.json").exists()
@@ -159,10 +160,10 @@ def evaluate_run(
 ) -> None:
     """Evaluate each epoch's model on each held-out set, recording each result as soon as it exists; with
     ``replace``, also the evaluations the record already holds (they came from another training of the run)."""
-    models = _epoch_checkpoints(run)
+    models, done = _epoch_checkpoints(run), {} if replace else load_record(record)
     for epoch in EVAL_EPOCHS:
         for name in EVAL_SETS:
-            if not replace and _items(record, run.name, epoch, name) is not None:
+            if _items(done, run.name, epoch, name) is not None:
                 continue
             out = run / "eval" / f"e{epoch}" / name
             if not (out / "eval.json").exists():
@@ -221,36 +222,40 @@ def sync_record(root: Path, record: Path) -> None:
             atomic_write_jsonl(target, rows)
 
 
-def _load(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+Loaded = dict[tuple[str, int, str], dict[str, np.ndarray]]
 
 
-def _all_evaluated(record: Path, run: str) -> bool:
+def load_record(record: Path) -> Loaded:
+    """Every recorded evaluation, each file read once: ``{(run, epoch, set): arrays}``."""
+    loaded = {}
+    for path in sorted(record.glob("*-s*/e*-*.npz")):
+        epoch, name = path.stem[1:].split("-", 1)
+        with np.load(path, allow_pickle=False) as data:
+            loaded[(path.parent.name, int(epoch), name)] = {k: data[k] for k in data.files}
+    return loaded
+
+
+def _all_evaluated(loaded: Loaded, run: str) -> bool:
     """Every epoch and set recorded with its per-item fields (without them a run is redone: no intervals)."""
-    return all(_items(record, run, e, s) is not None for e in EVAL_EPOCHS for s in EVAL_SETS)
+    return all(_items(loaded, run, e, s) is not None for e in EVAL_EPOCHS for s in EVAL_SETS)
 
 
-def _results(record: Path) -> dict[str, dict[str, dict[int, dict[int, float]]]]:
+def _results(loaded: Loaded) -> dict[str, dict[str, dict[int, dict[int, float]]]]:
     """``{set/metric: {arm: {epoch: {seed: value}}}}`` from every recorded evaluation."""
     table: dict = {}
-    for path in sorted(record.glob("*-s*/e*-*.npz")):
-        arm, seed = path.parent.name.rsplit("-s", 1)
-        epoch, name = path.stem[1:].split("-", 1)
-        for metric, value in zip(METRICS, _load(path)["metrics"], strict=True):
-            table.setdefault(f"{name}/{metric}", {}).setdefault(arm, {}).setdefault(int(epoch), {})[
-                int(seed)
-            ] = float(value)
+    for (run, epoch, name), data in loaded.items():
+        arm, seed = run.rsplit("-s", 1)
+        for metric, value in zip(METRICS, data["metrics"], strict=True):
+            table.setdefault(f"{name}/{metric}", {}).setdefault(arm, {}).setdefault(epoch, {})[int(seed)] = (
+                float(value)
+            )
     return table
 
 
-def _items(record: Path, run: str, epoch: int, name: str) -> dict[str, np.ndarray] | None:
+def _items(loaded: Loaded, run: str, epoch: int, name: str) -> dict[str, np.ndarray] | None:
     """Per-item fields of one evaluation, ``{field: [items, k]}``; None if not recorded or recorded without them."""
-    path = record / run / f"e{epoch}-{name}.npz"
-    if not path.exists():
-        return None
-    data = _load(path)
-    if "nll" not in data:
+    data = loaded.get((run, epoch, name))
+    if data is None or "nll" not in data:
         return None
     fields = {k: data[k].astype(np.float64) for k in ITEM_FIELDS}
     return {"ids": data["ids"], **{k: v[:, None] if v.ndim == 1 else v for k, v in fields.items()}}
@@ -303,7 +308,8 @@ def _band(values: list[float]) -> str:
 
 def report_overfit(record: Path) -> None:
     """Tables, comparisons and missing cells, from the record alone, to ``<record>.md`` / ``<record>.json``."""
-    table = _results(record)
+    loaded = load_record(record)
+    table = _results(loaded)
     arms = [a for group in ORDER for a in group if any(a in table.get(m, {}) for m in table)]
     lines = [
         f"Efficacy study `overfit` ({time.strftime('%Y-%m-%d')}): {N_TRAIN} Alpaca examples x {EPOCHS} epochs; "
@@ -324,9 +330,9 @@ def report_overfit(record: Path) -> None:
             ]
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += _comparisons(record, table, arms)
+    lines += _comparisons(loaded, table, arms)
     lines += _cheap_split_agreement(record)
-    without = sorted({p.parent.name for p in record.glob("*-s*/e*-*.npz") if "nll" not in _load(p)})
+    without = sorted({run for (run, _, _), data in loaded.items() if "nll" not in data})
     if without:
         lines += [
             "",
@@ -334,7 +340,7 @@ def report_overfit(record: Path) -> None:
             f"again): {', '.join(without)}.",
         ]
     missing = [
-        f"{arm}-s{seed}" for arm in ARMS for seed in (1, 2, 3) if not _all_evaluated(record, f"{arm}-s{seed}")
+        f"{arm}-s{seed}" for arm in ARMS for seed in (1, 2, 3) if not _all_evaluated(loaded, f"{arm}-s{seed}")
     ]
     lines += [
         "",
@@ -370,7 +376,7 @@ def _cheap_split_agreement(record: Path) -> list[str]:
     return lines
 
 
-def _comparisons(record: Path, table: dict, arms: list[str]) -> list[str]:
+def _comparisons(loaded: Loaded, table: dict, arms: list[str]) -> list[str]:
     lines = [
         "Each arm minus `ntp` (lower is better for both), at the last epoch and at the arm's own best epoch (lowest "
         "mean in-domain perplexity over the compared seeds; `ntp` at its own best epoch then), on the seeds both "
@@ -386,7 +392,7 @@ def _comparisons(record: Path, table: dict, arms: list[str]) -> list[str]:
             seed
             for seed in (1, 2, 3)
             if all(
-                _items(record, f"{a}-s{seed}", e, name) is not None
+                _items(loaded, f"{a}-s{seed}", e, name) is not None
                 for a in (arm, "ntp")
                 for e in epochs
                 for name in EVAL_SETS
@@ -407,8 +413,8 @@ def _comparisons(record: Path, table: dict, arms: list[str]) -> list[str]:
                 for which, ea, eb, seeds in cases:
                     if not seeds:
                         continue
-                    a = [_items(record, f"{arm}-s{seed}", ea, name) for seed in seeds]
-                    b = [_items(record, f"ntp-s{seed}", eb, name) for seed in seeds]
+                    a = [_items(loaded, f"{arm}-s{seed}", ea, name) for seed in seeds]
+                    b = [_items(loaded, f"ntp-s{seed}", eb, name) for seed in seeds]
                     diff, low, high, per_seed = paired_bootstrap(a, b, stat)
                     shown = ", ".join(f"s{s}: {d:+.4f}" for s, d in zip(seeds, per_seed, strict=True))
                     lines.append(
@@ -424,7 +430,7 @@ def draw_figure(record: Path, output: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = _results(record)
+    table = _results(load_record(record))
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
     for row, name in enumerate(EVAL_SETS):
         for col, metric in enumerate(("perplexity", "ece")):
