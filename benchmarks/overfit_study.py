@@ -435,7 +435,8 @@ def draw_figure(record: Path, output: Path) -> None:
     for row, name in enumerate(EVAL_SETS):
         for col, metric in enumerate(("perplexity", "ece")):
             ax = axes[row][col]
-            for arm, by_epoch in table.get(f"{name}/{metric}", {}).items():
+            lines = table.get(f"{name}/{metric}", {})
+            for arm, by_epoch in sorted(lines.items(), key=lambda item: list(ARMS).index(item[0])):
                 epochs = sorted(by_epoch)
                 values = [list(by_epoch[e].values()) for e in epochs]
                 mean = [statistics.mean(v) for v in values]
