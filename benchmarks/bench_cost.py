@@ -6,7 +6,9 @@ the work):
 - ``trl``: ``trl.SFTTrainer``;
 - ``ntp``: ``SFTMixTrainer`` with ``mixup_weight=0`` (the fair baseline);
 - ``sftmix``: ``SFTMixTrainer`` with ``mixup_weight=0.2``;
-- ``ntp_compiled``, ``sftmix_compiled`` (with ``--kinds``): the same with ``torch_compile=True`` (inductor).
+- ``ntp_compiled``, ``sftmix_compiled`` (with ``--kinds``): the same with ``torch_compile=True`` (inductor);
+- ``trl_smoothed``, ``ntp_smoothed`` (with ``--kinds``): ``trl`` and ``ntp`` with ``label_smoothing_factor=0.1``
+  (TRL builds the full logits and runs a second, no-grad forward; sftmix smooths in its fused head).
 
 Each measurement is a fresh process (so its peak RSS is its own), the three run interleaved for ``--rounds``
 rounds, and each reports the median of ``--steps`` timed steps after ``--warmup`` steps. Beside the ratios the
@@ -16,6 +18,7 @@ backward) over the model's training FLOPs per step.
     python benchmarks/bench_cost.py --model smollm2-135m-instruct --batch 8 --seq 128
     python benchmarks/bench_cost.py --model tiny
     python benchmarks/bench_cost.py --kinds ntp sftmix ntp_compiled sftmix_compiled --warmup 3  # torch_compile
+    python benchmarks/bench_cost.py --kinds ntp ntp_smoothed trl_smoothed  # label smoothing
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-KINDS = ("trl", "ntp", "sftmix", "ntp_compiled", "sftmix_compiled")
+KINDS = ("trl", "ntp", "sftmix", "ntp_compiled", "sftmix_compiled", "trl_smoothed", "ntp_smoothed")
+SMOOTHING = 0.1  # label_smoothing_factor of the *_smoothed kinds
 
 
 def _tiny_model_dir(root: Path) -> str:
@@ -128,8 +132,10 @@ def _measure(
     callback = type(
         "Timer", (TrainerCallback,), {"on_step_begin": timer.on_step_begin, "on_step_end": timer.on_step_end}
     )()
+    if kind.endswith("_smoothed"):
+        common["label_smoothing_factor"] = SMOOTHING
     net = load_model(model_dir, dtype="float32")
-    if kind == "trl":
+    if kind.startswith("trl"):
         from trl import SFTConfig, SFTTrainer
 
         trainer = SFTTrainer(
@@ -223,7 +229,7 @@ def main() -> None:
                 sys.exit(f"{kind} failed:\n{out.stderr[-3000:]}")
             results[kind].append(json.loads(line[7:]))
             print(
-                f"round {r + 1} {kind:7s} median step {results[kind][-1]['median_step_s']:.3f} s, "
+                f"round {r + 1} {kind:12s} median step {results[kind][-1]['median_step_s']:.3f} s, "
                 f"peak RSS {results[kind][-1]['peak_rss_mb']:.0f} MB",
                 flush=True,
             )
@@ -249,6 +255,9 @@ def main() -> None:
         "ntp_compiled_over_ntp": ratio("ntp_compiled", "ntp"),
         "sftmix_compiled_over_sftmix": ratio("sftmix_compiled", "sftmix"),
         "sftmix_compiled_over_ntp_compiled": ratio("sftmix_compiled", "ntp_compiled"),
+        "ntp_smoothed_over_ntp": ratio("ntp_smoothed", "ntp"),
+        "trl_smoothed_over_ntp": ratio("trl_smoothed", "ntp"),
+        "ntp_smoothed_over_trl_smoothed": ratio("ntp_smoothed", "trl_smoothed"),
         "analytic_bound": bound,
         "date": time.strftime("%Y-%m-%d"),
         "cpu_threads": os.cpu_count(),

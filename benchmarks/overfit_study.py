@@ -163,7 +163,7 @@ def evaluate_run(
     models, done = _epoch_checkpoints(run), {} if replace else load_record(record)
     for epoch in EVAL_EPOCHS:
         for name in EVAL_SETS:
-            if _items(done, run.name, epoch, name) is not None:
+            if _has_items(done, run.name, epoch, name):
                 continue
             out = run / "eval" / f"e{epoch}" / name
             if not (out / "eval.json").exists():
@@ -237,7 +237,7 @@ def load_record(record: Path) -> Loaded:
 
 def _all_evaluated(loaded: Loaded, run: str) -> bool:
     """Every epoch and set recorded with its per-item fields (without them a run is redone: no intervals)."""
-    return all(_items(loaded, run, e, s) is not None for e in EVAL_EPOCHS for s in EVAL_SETS)
+    return all(_has_items(loaded, run, e, s) for e in EVAL_EPOCHS for s in EVAL_SETS)
 
 
 def _results(loaded: Loaded) -> dict[str, dict[str, dict[int, dict[int, float]]]]:
@@ -252,11 +252,16 @@ def _results(loaded: Loaded) -> dict[str, dict[str, dict[int, dict[int, float]]]
     return table
 
 
+def _has_items(loaded: Loaded, run: str, epoch: int, name: str) -> bool:
+    """Whether one evaluation is recorded with its per-item fields (the first training of a run had none)."""
+    return "nll" in loaded.get((run, epoch, name), {})
+
+
 def _items(loaded: Loaded, run: str, epoch: int, name: str) -> dict[str, np.ndarray] | None:
     """Per-item fields of one evaluation, ``{field: [items, k]}``; None if not recorded or recorded without them."""
-    data = loaded.get((run, epoch, name))
-    if data is None or "nll" not in data:
+    if not _has_items(loaded, run, epoch, name):
         return None
+    data = loaded[(run, epoch, name)]
     fields = {k: data[k].astype(np.float64) for k in ITEM_FIELDS}
     return {"ids": data["ids"], **{k: v[:, None] if v.ndim == 1 else v for k, v in fields.items()}}
 
@@ -392,7 +397,7 @@ def _comparisons(loaded: Loaded, table: dict, arms: list[str]) -> list[str]:
             seed
             for seed in (1, 2, 3)
             if all(
-                _items(loaded, f"{a}-s{seed}", e, name) is not None
+                _has_items(loaded, f"{a}-s{seed}", e, name)
                 for a in (arm, "ntp")
                 for e in epochs
                 for name in EVAL_SETS

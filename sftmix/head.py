@@ -8,13 +8,14 @@ weighted sum of cross-entropies of rows ``h_n`` of one ``[N, H]`` matrix::
     loss = sum_n  w1[n] * CE(head(h_n), y1[n])  +  w2[n] * CE(head(h_n), y2[n])
 
 (NTP rows: ``w1 = 1 / num_tokens, w2 = 0``; mixed rows: ``w1 = mu * lam / M, w2 = mu * (1 - lam) / M``), so one
-call of `fused_linear_cross_entropy` computes the whole loss of a step.
+call of `fused_linear_cross_entropy` computes the whole loss of a step. Label smoothing ``eps`` (transformers'
+``LabelSmoother``: ``(1 - eps) CE + eps * mean_v(-log p_v)``) smooths both targets of every row.
 
 Why it is fast and small:
 
 - Rows are processed in chunks of ``chunk_size``; only a ``[chunk_size, V]`` logits buffer ever exists.
-- The gradients are computed in the forward pass, while each chunk's softmax is at hand: ``dL/dz = (w1 + w2) p
-  - w1 onehot(y1) - w2 onehot(y2)``, then ``dL/dh = dL/dz @ W`` and ``dL/dW += dL/dz^T @ h`` (fp32
+- The gradients are computed in the forward pass, while each chunk's softmax is at hand: ``dL/dz = (w1 + w2)
+  (p - eps / V) - (1 - eps) (w1 onehot(y1) + w2 onehot(y2))``, then ``dL/dh = dL/dz @ W`` and ``dL/dW += dL/dz^T @ h`` (fp32
   accumulators). The backward only multiplies the stored gradients by the incoming scalar gradient, so the
   ``[N, V]`` projection is never recomputed (TRL's chunked log-prob recomputes it in the backward).
 - Under autocast (bf16 on CPU and GPU) the three matmuls run in the autocast dtype, while the softmax, the loss
@@ -43,7 +44,8 @@ class FusedCEOutput(NamedTuple):
     """What `fused_linear_cross_entropy` returns.
 
     Args:
-        loss: Scalar ``sum_n w1 CE(y1) + w2 CE(y2)``, differentiable with respect to hidden, weight and bias.
+        loss: Scalar ``sum_n w1 CE(y1) + w2 CE(y2)`` (label-smoothed if asked), differentiable with respect to
+            hidden, weight and bias.
         ce: ``[N]`` detached fp32 cross-entropy of each row with respect to ``targets``.
         ce2: ``[N]`` detached fp32 cross-entropy with respect to ``targets2`` (equal to ``ce`` without them).
         entropy: ``[N]`` detached fp32 entropy of each row's next-token distribution (``None`` without stats).
@@ -83,6 +85,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         logit_scale: float,
         softcap: float | None,
         stats_rows: int,
+        smoothing: float,
     ):
         device = hidden.device
         needs_grad = ctx.needs_input_grad[:3]
@@ -111,9 +114,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             transform = logit_scale != 1.0 or softcap is not None
             both = weights + weights2
             # Row weights of the two one-hot terms relative to `both`, so that the fp32 probabilities take the
-            # one-hot subtraction before any rounding: grad = both * (p - r1 onehot(y1) - r2 onehot(y2))
+            # one-hot subtraction before any rounding: grad = both * (p - eps / V - r1 onehot(y1) - r2 onehot(y2))
             safe = torch.where(both > 0, both, torch.ones_like(both))
-            r1, r2 = weights / safe, weights2 / safe
+            r1, r2 = (1 - smoothing) * weights / safe, (1 - smoothing) * weights2 / safe
+            # eps * mean_v(-log p_v) = eps * (log Z - mean_v z_v) per row, weighted by w1 + w2
+            smooth = torch.zeros(N, device=device, dtype=torch.float32) if smoothing > 0 else None
             row_scale = both * logit_scale  # d(scale * raw)/d(raw), folded into the cast to compute_dtype
             n_max = min(chunk_size, N)
             tmp_rows = min(n_max, stats_rows)
@@ -138,6 +143,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 lse = z.gather(1, top).float().squeeze(1) - torch.log(p.gather(1, top).squeeze(1))
                 ce[start:end] = lse - z.gather(1, y1).float().squeeze(1)
                 ce2[start:end] = lse - z.gather(1, y2).float().squeeze(1)
+                if smooth is not None:
+                    smooth[start:end] = lse - z.mean(-1, dtype=torch.float32)
                 k = min(end, stats_rows) - start  # rows of this chunk that want statistics
                 if k > 0:
                     is_top1[start : start + k] = top[:k].squeeze(1) == y1[:k].squeeze(1)
@@ -145,6 +152,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     entropy[start : start + k] = lse[:k] - torch.mul(p[:k], z[:k], out=tmp_buf[:k]).sum(-1)
                 if not compute_grad:
                     continue
+                if smooth is not None:
+                    p.sub_(smoothing / V)
                 p.scatter_add_(1, y1, -r1[start:end, None])
                 p.scatter_add_(1, y2, -r2[start:end, None])
                 if softcap is not None:
@@ -160,7 +169,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     _accumulate_mm(grad_weight, g.t(), h_c)
                 if grad_bias is not None:
                     grad_bias.add_(g.sum(0, dtype=torch.float32))
-            loss = (weights * ce).sum() + (weights2 * ce2).sum()
+            loss = (1 - smoothing) * ((weights * ce).sum() + (weights2 * ce2).sum())
+            if smooth is not None:
+                loss = loss + smoothing * (both * smooth).sum()
 
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
@@ -180,7 +191,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     if dtype == torch.float32 and bool(grad_loss == 1)
                     else (g * grad_loss.float()).to(dtype)
                 )
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 def fused_linear_cross_entropy(
@@ -197,6 +208,7 @@ def fused_linear_cross_entropy(
     softcap: float | None = None,
     with_stats: bool = False,
     stats_rows: int | None = None,
+    label_smoothing: float = 0.0,
 ) -> FusedCEOutput:
     """Weighted cross-entropy of ``hidden @ weight.T (+ bias)`` against one or two targets per row, fused.
 
@@ -214,10 +226,12 @@ def fused_linear_cross_entropy(
         with_stats: Also return each row's entropy and whether ``targets`` is the top-1 prediction.
         stats_rows: With ``with_stats``, compute them for the first ``stats_rows`` rows only (the others stay
             0): the trainer wants them for its NTP rows, not for the mixed rows after them.
+        label_smoothing: ``eps`` in [0, 1): each cross-entropy becomes ``(1 - eps) CE + eps * mean_v(-log p_v)``,
+            as in transformers' ``LabelSmoother`` (``ce`` and ``ce2`` stay the plain cross-entropies).
 
     Returns:
         A `FusedCEOutput` whose ``loss`` is the scalar ``sum_n weights[n] * CE(row n, targets[n]) +
-        weights2[n] * CE(row n, targets2[n])``.
+        weights2[n] * CE(row n, targets2[n])`` (each CE smoothed with ``label_smoothing``).
 
     Example:
         >>> import torch
@@ -237,6 +251,8 @@ def fused_linear_cross_entropy(
         )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if (targets2 is None) != (weights2 is None):
         raise ValueError("targets2 and weights2 go together")
     weights = weights.to(device=hidden.device, dtype=torch.float32)
@@ -255,6 +271,7 @@ def fused_linear_cross_entropy(
         float(logit_scale),
         softcap,
         (hidden.shape[0] if stats_rows is None else stats_rows) if with_stats else 0,
+        float(label_smoothing),
     )
     return FusedCEOutput(loss, ce, ce2, entropy, is_top1)
 

@@ -220,7 +220,8 @@ class SFTMixOutput(ModelOutput):
     """What the patched forward returns with ``sftmix=...``. Only ``loss`` carries a gradient.
 
     Args:
-        loss: ``ntp_weight * sum NLL + mixup_weight * sum (lam CE(y_c) + (1 - lam) CE(y_u))``.
+        loss: ``ntp_weight * sum NLL + mixup_weight * sum (lam CE(y_c) + (1 - lam) CE(y_u))`` (smoothed with
+            ``label_smoothing``).
         ntp_nll_sum: Summed NLL of the response tokens.
         ntp_tokens: Number of response tokens.
         mixup_ce_sum: Summed Mixup cross-entropy of the mixed tokens.
@@ -254,6 +255,7 @@ def sftmix_head_loss(
     chunk_size: int = 1024,
     logit_scale: float = 1.0,
     softcap: float | None = None,
+    label_smoothing: float = 0.0,
 ) -> SFTMixOutput:
     """NTP + Mixup loss of a micro-batch from its shifted hidden states, through one fused head call.
 
@@ -269,6 +271,8 @@ def sftmix_head_loss(
         chunk_size: Rows per chunk of the fused head.
         logit_scale: The model's logit multiplier.
         softcap: The model's final logit soft-cap.
+        label_smoothing: transformers' ``label_smoothing_factor``, applied to every cross-entropy of the loss (the
+            NLL sums of the output stay unsmoothed).
     """
     mask = labels != IGNORE_INDEX
     rows, targets = [hidden[mask]], [labels[mask]]
@@ -299,6 +303,7 @@ def sftmix_head_loss(
         softcap=softcap,
         with_stats=True,
         stats_rows=num_ntp,
+        label_smoothing=label_smoothing,
     )
     mixup_ce = (lam * out.ce[num_ntp:] + (1 - lam) * out.ce2[num_ntp:]).sum() if lam is not None else None
     return SFTMixOutput(
@@ -322,7 +327,7 @@ def add_sftmix_head(model: PreTrainedModel) -> None:
     `SFTMixOutput` computed inside the forward from the backbone's last hidden states.
 
     The keys of ``sftmix`` are the keyword arguments of `sftmix_head_loss` after ``bias`` (``ntp_weight``,
-    ``mixup_weight``, ``mixup_role``, ``lambdas``, ``chunk_size``). Without ``sftmix`` the previous forward runs
+    ``mixup_weight``, ``mixup_role``, ``lambdas``, ``chunk_size``, ``label_smoothing``). Without ``sftmix`` the previous forward runs
     (TRL's fused forward, or the model's own), so generation and TRL's evaluation are unchanged. Patch the base
     model under PEFT, after TRL's ``add_fused_lm_head``.
     """

@@ -73,8 +73,10 @@ def _reference_args(training_args: Any, output_dir: Path, epochs: float) -> Any:
         push_to_hub=False,
     )
     field_names = {f.name for f in dataclasses.fields(training_args)}
-    # Plain NTP: if the config is an SFTMixConfig, switch the regulariser off (no dynamics exist yet).
-    changes.update({k: v for k, v in (("mixup_weight", 0.0), ("dynamics_path", None)) if k in field_names})
+    # Plain NTP: if the config is an SFTMixConfig, switch the regulariser off (no dynamics exist yet), and the
+    # target's label smoothing too (the confidences are those of a plain NLL model).
+    off = (("mixup_weight", 0.0), ("dynamics_path", None), ("label_smoothing_factor", 0.0))
+    changes.update({k: v for k, v in off if k in field_names})
     return dataclasses.replace(training_args, **changes)
 
 

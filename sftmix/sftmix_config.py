@@ -88,12 +88,13 @@ class SFTMixConfig(SFTConfig):
             micro-batch). The paper does not say which.
         ntp_fused_head: With ``mixup_weight=0``, compute the NTP loss with sftmix's fused head (it computes
             the head's gradients in the forward pass: 2-3x faster than TRL's chunked head on CPU, same loss
-            within float tolerance). ``False`` runs TRL's own ``compute_loss``.
+            within float tolerance; with ``label_smoothing_factor``, transformers' ``LabelSmoother`` loss without
+            building the full logits). ``False`` runs TRL's own ``compute_loss``.
         head_chunk_size: Tokens per chunk of the fused LM head (bounds the [chunk, vocab] logits buffer).
         confidence_scorer: How the split is made when ``dynamics_path`` is not given (written to
             ``output_dir/dynamics/``): ``reference`` (the paper: a separate plain-NTP reference run, C checkpoints
-            scored in-process), ``warmup`` (the target's own first ``reference_epochs`` of plain NTP are the
-            reference run; Mixup from then on), ``online`` (response NLL recorded from the training forwards of
+            scored in-process), ``warmup`` (the target's own first ``reference_epochs`` of plain NTP, label-smoothed if the
+            run is, are the reference run; Mixup from then on), ``online`` (response NLL recorded from the training forwards of
             epoch 1, corrected for training progress; Mixup from epoch 2), ``base`` (response perplexity of the
             starting model, no training) or ``random`` (a seeded random half, the ablation).
         num_checkpoints: C, the number of reference checkpoints whose perplexities are averaged, spaced evenly
@@ -129,8 +130,8 @@ class SFTMixConfig(SFTConfig):
     ntp_fused_head: bool = field(
         default=True,
         metadata={
-            "help": "Compute the NTP loss with sftmix's fused head too (faster; equal to TRL's loss within float "
-            "tolerance). False: TRL's own compute_loss when mixup_weight=0."
+            "help": "Compute the NTP loss with sftmix's fused head too (faster; equal to TRL's loss, label "
+            "smoothing included, within float tolerance). False: TRL's own compute_loss when mixup_weight=0."
         },
     )
     head_chunk_size: int = field(
@@ -217,6 +218,8 @@ class SFTMixConfig(SFTConfig):
             super().__post_init__()
         if self.mixup_weight < 0:
             raise ValueError(f"mixup_weight must be >= 0, got {self.mixup_weight}")
+        if not 0 <= self.label_smoothing_factor < 1:
+            raise ValueError(f"label_smoothing_factor must be in [0, 1), got {self.label_smoothing_factor}")
         if self.mixup_alpha <= 0:
             raise ValueError(f"mixup_alpha must be > 0, got {self.mixup_alpha}")
         if self.confidence_scorer not in CONFIDENCE_SCORERS:

@@ -8,14 +8,16 @@ One training step of SFTMix, with ``mixup_weight = mu > 0``:
    last hidden states (after the final norm) of all response tokens, plus the mixed states ``lam h_c + (1 - lam)
    h_u`` of all aligned pairs of response tokens, through one call of the fused head of `sftmix.head`. The head
    runs inside ``forward`` so that DDP, FSDP and DeepSpeed ZeRO-3 see it as part of the model.
-3. ``loss = NTP + mu * Mixup``, each normalised as TRL normalises its loss: summed, divided by the count of its
+3. ``loss = NTP + mu * Mixup`` (every cross-entropy smoothed by ``label_smoothing_factor``, if set), each
+   normalised as TRL normalises its loss: summed, divided by the count of its
    tokens over the whole gradient-accumulation window on all processes (``num_items_in_batch`` for NTP, the
    mixed-token count of `get_batch_samples` for Mixup), times the number of processes (DDP averages
    gradients). So 2 micro-batches of 2 give the gradient of one batch of 4.
 
 Lambdas come from a generator seeded by ``(seed, global_step, micro-step)`` that draws the global micro-batch's
 lambdas, each process taking its slice: a resumed run, or a run on more processes, draws the same ones. With
-``mixup_weight = 0`` the loss is TRL's own ``compute_loss`` on TRL's batches: the NTP baseline. A non-finite
+``mixup_weight = 0`` the loss is TRL's NTP loss on TRL's batches: the baseline (computed by the same fused head
+when it is the NLL, label smoothing included; otherwise by TRL's own ``compute_loss``). A non-finite
 loss stops training with a `SFTMixError` naming the step and the batch's example ids. The load-train-save
 driver of ``sftmix train`` is `sftmix.pipeline.train`.
 """
@@ -23,6 +25,7 @@ driver of ``sftmix train`` is `sftmix.pipeline.train`.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -101,7 +104,8 @@ class SFTMixTrainer(SFTTrainer):
                 kwargs["train_dataset"] = with_content_ids(kwargs["train_dataset"])
             elif len(pos_args) > 1 and isinstance(pos_args[1], Dataset):
                 pos_args = (pos_args[0], with_content_ids(pos_args[1]), *pos_args[2:])
-        super().__init__(model, args, *pos_args, **kwargs)
+        with warnings.catch_warnings(record=True) as caught:
+            super().__init__(model, args, *pos_args, **kwargs)
 
         if self._mixup:
             if not isinstance(self.train_dataset, Dataset):
@@ -119,7 +123,8 @@ class SFTMixTrainer(SFTTrainer):
             self.data_collator, self._confident_by_id if self._mixup_on else None
         )
         # The fused head of `sftmix.head` computes its gradients in the forward pass: on CPU it is 2-3x faster than
-        # TRL's chunked head, so it also serves the NTP loss, whenever the loss is TRL's plain NLL.
+        # TRL's chunked head, so it also serves the NTP loss, whenever the loss is TRL's plain NLL (label smoothing
+        # included: the head smooths as transformers' LabelSmoother does, without TRL's full logits).
         if self._mixup and self.aux_loss_enabled:
             raise SFTMixError(
                 "Mixup does not add the MoE router's auxiliary loss: set router_aux_loss_coef=0, or mixup_weight=0"
@@ -127,11 +132,15 @@ class SFTMixTrainer(SFTTrainer):
         self._own_head = self._mixup or (
             args.ntp_fused_head
             and args.loss_type == "nll"
-            and self.label_smoother is None
             and self.compute_loss_func is None
             and not self.aux_loss_enabled
             and not _sequence_parallel(self.accelerator)
         )
+        for (
+            w
+        ) in caught:  # TRL warns that label smoothing builds the full logits: not so when our head smooths
+            if not (self._own_head and "`label_smoothing_factor` is deprecated" in str(w.message)):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
         if self._own_head:
             add_sftmix_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
         self._micro_step = 0
@@ -155,9 +164,9 @@ class SFTMixTrainer(SFTTrainer):
                 f"per_device_train_batch_size must be even with Mixup (half confident, half unconfident examples "
                 f"per micro-batch), got {args.per_device_train_batch_size}"
             )
-        if args.loss_type != "nll" or args.label_smoothing_factor > 0:
+        if args.loss_type != "nll":
             raise SFTMixError(
-                "Mixup adds to the plain NLL loss: set loss_type='nll' and label_smoothing_factor=0 (or mixup_weight=0)"
+                "Mixup adds to the NLL loss: set loss_type='nll' (or mixup_weight=0); label smoothing is fine"
             )
         if args.train_sampling_strategy != "random":
             logger.warning(
@@ -288,6 +297,7 @@ class SFTMixTrainer(SFTTrainer):
             "mixup_role": roles,
             "lambdas": lambdas,
             "chunk_size": self.args.head_chunk_size,
+            "label_smoothing": self.label_smoother.epsilon if self.label_smoother is not None else 0.0,
         }
         inputs["use_cache"] = False
         outputs = model(**inputs, sftmix=spec)

@@ -78,6 +78,7 @@ def test_eval_arguments():
         (["--config", str(BAD / "config_invalid.yaml")], "config_invalid.yaml: line 2: invalid YAML"),
         (["--config", "missing.yaml"], "config file not found: missing.yaml"),
         (["--mixup_weight", "-1"], "mixup_weight must be >= 0"),
+        (["--label_smoothing_factor", "1"], "label_smoothing_factor must be in [0, 1), got 1.0"),
         (["--dataset_format", "yaml"], "invalid choice: 'yaml'"),
         (["--learning_rate", "fast"], "invalid float value: 'fast'"),
     ],

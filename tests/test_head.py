@@ -58,6 +58,55 @@ def test_value_and_gradient_match_full_logits(with_bias, logit_scale, softcap, c
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("logit_scale", "softcap", "chunk_size"), [(1.0, None, 8), (1.6, 2.5, 5), (1.0, None, 1000)]
+)
+@pytest.mark.parametrize("eps", [0.1, 0.4])
+def test_label_smoothing_matches_full_logits(eps, logit_scale, softcap, chunk_size):
+    hidden, weight, bias, y1, w1, y2, w2 = make_inputs(with_bias=True)
+    params = (hidden, weight, bias)
+    out = fused_linear_cross_entropy(
+        hidden, weight, y1, w1, bias, y2, w2,
+        chunk_size=chunk_size, logit_scale=logit_scale, softcap=softcap, label_smoothing=eps,
+    )  # fmt: skip
+    _, ce1, ce2, *_ = naive_loss(hidden, weight, bias, y1, w1, y2, w2, logit_scale, softcap)
+    logits = hidden @ weight.T + bias
+    logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    # eps * mean_v(-log p_v), the same for both targets
+    smooth = -torch.log_softmax(logits.double(), dim=-1).mean(-1)
+    ref = ((w1 * ((1 - eps) * ce1 + eps * smooth)) + w2 * ((1 - eps) * ce2 + eps * smooth)).sum()
+    torch.testing.assert_close(out.loss.double(), ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads(out.loss, params), grads(ref.float(), params), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # evaluation: the same value, and the statistics stay unsmoothed
+        stats = fused_linear_cross_entropy(
+            hidden, weight, y1, w1, bias, y2, w2, chunk_size=chunk_size, logit_scale=logit_scale,
+            softcap=softcap, label_smoothing=eps, with_stats=True, stats_rows=20,
+        )  # fmt: skip
+    torch.testing.assert_close(stats.loss.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.ce.double(), ce1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.ce2.double(), ce2, rtol=1e-5, atol=1e-5)
+    assert stats.entropy[:20].all() and not stats.entropy[20:].any()
+
+
+def test_label_smoothing_is_transformers_label_smoother():
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    hidden, weight, _, y1, *_ = make_inputs()
+    n = hidden.shape[0]
+    labels = torch.cat([torch.tensor([-100]), y1])  # one ignored position
+    logits = torch.cat([torch.zeros(1, weight.shape[0]), hidden @ weight.T])
+    want = LabelSmoother(epsilon=0.1)({"logits": logits}, labels, num_items_in_batch=n)
+    out = fused_linear_cross_entropy(
+        hidden, weight, y1, torch.full((n,), 1 / n), chunk_size=6, label_smoothing=0.1
+    )
+    torch.testing.assert_close(out.loss, want)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fused_linear_cross_entropy(hidden, weight, y1, torch.ones(n), label_smoothing=1.0)
+
+
 def test_incoming_gradient_scales_the_stored_gradients():
     hidden, weight, bias, y1, w1, y2, w2 = make_inputs(with_bias=True)
     out = fused_linear_cross_entropy(hidden, weight, y1, w1, bias, y2, w2, chunk_size=5)
@@ -101,12 +150,14 @@ def test_only_requested_gradients_and_empty_input():
     assert weight.grad is not None and not weight.grad.any()
 
 
-def test_bf16_autocast_is_close_to_fp32():
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_bf16_autocast_is_close_to_fp32(eps):
     hidden, weight, bias, y1, w1, y2, w2 = make_inputs(n=64, h=32, v=300, with_bias=True)
-    ref = fused_linear_cross_entropy(hidden, weight, y1, w1, bias, y2, w2, chunk_size=16)
+    args = (hidden, weight, y1, w1, bias, y2, w2)
+    ref = fused_linear_cross_entropy(*args, chunk_size=16, label_smoothing=eps)
     ref_grads = grads(ref.loss, (hidden, weight, bias))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = fused_linear_cross_entropy(hidden, weight, y1, w1, bias, y2, w2, chunk_size=16)
+        out = fused_linear_cross_entropy(*args, chunk_size=16, label_smoothing=eps)
     assert out.loss.dtype == torch.float32 and out.ce.dtype == torch.float32
     torch.testing.assert_close(out.loss, ref.loss, rtol=2e-2, atol=2e-2)
     for got, want in zip(grads(out.loss, (hidden, weight, bias)), ref_grads, strict=True):

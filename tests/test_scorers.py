@@ -19,6 +19,7 @@ from sftmix.cli import main
 from sftmix.data import content_id
 from sftmix.io_utils import read_jsonl
 from sftmix.online import progress_corrected_confidence
+from sftmix.reference import _reference_args
 from sftmix.scorers import random_confidence
 from sftmix.splits import median_split
 
@@ -246,3 +247,13 @@ def test_scorers_with_a_lora_target(scorer, tmp_path, tiny_llama_dir, tokenizer)
     assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
     trainer.train()
     assert all(e["loss_mixup"] > 0 for e in _mixup_logs(trainer))
+
+
+def test_reference_run_is_plain_ntp(tmp_path):
+    """The reference model is trained without the target's regularisers: no Mixup, no label smoothing."""
+    target = SFTMixConfig(
+        output_dir=str(tmp_path / "out"), mixup_weight=0.2, label_smoothing_factor=0.1, learning_rate=3e-5
+    )
+    ref = _reference_args(target, tmp_path / "ref", 2.0)
+    assert (ref.mixup_weight, ref.label_smoothing_factor, ref.num_train_epochs) == (0.0, 0.0, 2.0)
+    assert ref.learning_rate == 3e-5 and ref.output_dir == str(tmp_path / "ref")

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+import warnings
 import zlib
 
 import pytest
 import torch
 from sftmix_train_script import make_dataset, write_dynamics
 from transformers import AutoModelForCausalLM
+from transformers.trainer_pt_utils import LabelSmoother
 from trl import SFTConfig, SFTTrainer
 
 from sftmix import SFTMixConfig, SFTMixTrainer
 from sftmix.errors import SFTMixError
-from sftmix.loss import mixup_loss
+from sftmix.loss import mix_hidden_states, mixup_loss
 
 COMMON = dict(
     learning_rate=1e-3,
@@ -82,6 +84,45 @@ def test_mixup_weight_zero_trains_exactly_like_trl(tmp_path, tiny_llama_dir, tok
         torch.testing.assert_close(a, b, msg=name)
 
 
+def test_label_smoothing_runs_in_the_fused_head_like_trl(tmp_path, tiny_llama_dir, tokenizer, dataset):
+    common = {**COMMON, "label_smoothing_factor": 0.1}
+    trl_trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+        args=SFTConfig(output_dir=str(tmp_path / "trl"), **common),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    trl_trainer.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = SFTMixTrainer(
+            model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+            args=SFTMixConfig(output_dir=str(tmp_path / "ours"), mixup_weight=0.0, **common),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+        assert ours._own_head  # TRL's path would build the full logits and run a second forward
+        trl_warning = (
+            "`label_smoothing_factor` is deprecated in `SFTTrainer`"  # "... needs the full logits ..."
+        )
+        assert not [w for w in caught if trl_warning in str(w.message)]
+        trl_path = SFTMixTrainer(
+            model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+            args=SFTMixConfig(
+                output_dir=str(tmp_path / "t"), mixup_weight=0.0, ntp_fused_head=False, **common
+            ),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+        assert not trl_path._own_head
+        assert [w for w in caught if trl_warning in str(w.message)]  # TRL's path: its warning stands
+    ours.train()
+    for key in ("loss", "entropy", "mean_token_accuracy", "num_tokens", "grad_norm"):
+        assert losses(ours, key) == pytest.approx(losses(trl_trainer, key), rel=1e-5), key
+    for (name, a), b in zip(ours.model.named_parameters(), trl_trainer.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 def test_mixup_run_updates_every_parameter_and_logs(tmp_path, tiny_qwen2_dir, tokenizer, dataset, dynamics):
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir)  # untied head with attention biases
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -106,11 +147,17 @@ def test_mixup_run_updates_every_parameter_and_logs(tmp_path, tiny_qwen2_dir, to
         assert [split[i] == "confident" for i in ids] == [r == 1 for r in roles]
 
 
-def test_mixup_loss_of_a_step_matches_the_reference(tmp_path, tiny_llama_dir, tokenizer, dataset, dynamics):
-    """The fused in-forward loss equals NTP + mu * mixup_loss(...) computed from the model's hidden states."""
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_mixup_loss_of_a_step_matches_the_reference(
+    tmp_path, tiny_llama_dir, tokenizer, dataset, dynamics, eps
+):
+    """The fused in-forward loss equals NTP + mu * mixup_loss(...) computed from the model's hidden states; with
+    label smoothing, every target (the mixed ones too) is smoothed as transformers' LabelSmoother smooths."""
     trainer = SFTMixTrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
-        args=mixup_args(tmp_path, dynamics, gradient_accumulation_steps=1, mixup_weight=0.7),
+        args=mixup_args(
+            tmp_path, dynamics, gradient_accumulation_steps=1, mixup_weight=0.7, label_smoothing_factor=eps
+        ),
         train_dataset=dataset,
         processing_class=tokenizer,
     )
@@ -126,10 +173,13 @@ def test_mixup_loss_of_a_step_matches_the_reference(tmp_path, tiny_llama_dir, to
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).last_hidden_state
     hidden = hidden[:, :-1]
-    ntp = torch.nn.functional.cross_entropy(model.lm_head(hidden).transpose(1, 2), labels, ignore_index=-100)
+    ntp = LabelSmoother(epsilon=eps)({"logits": model.lm_head(hidden)}, labels)
     c, u = batch["mixup_role"].tolist().index(1), batch["mixup_role"].tolist().index(0)
     mix = mixup_loss(hidden[[c]], labels[[c]], hidden[[u]], labels[[u]], lambdas, model.lm_head)
-    torch.testing.assert_close(loss.detach(), ntp + 0.7 * mix, rtol=1e-5, atol=1e-6)
+    mixed = mix_hidden_states(hidden[[c]], labels[[c]], hidden[[u]], labels[[u]], lambdas).hidden
+    smooth = -torch.log_softmax(model.lm_head(mixed), dim=-1).mean()  # mean_v(-log p_v) of the mixed tokens
+    want = ntp + 0.7 * ((1 - eps) * mix + eps * smooth)
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-6)
 
 
 def per_pair_lambda(example_id: str) -> float:
