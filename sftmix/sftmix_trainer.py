@@ -8,17 +8,14 @@ One training step of SFTMix, with ``mixup_weight = mu > 0``:
    last hidden states (after the final norm) of all response tokens, plus the mixed states ``lam h_c + (1 - lam)
    h_u`` of all aligned pairs of response tokens, through one call of the fused head of `sftmix.head`. The head
    runs inside ``forward`` so that DDP, FSDP and DeepSpeed ZeRO-3 see it as part of the model.
-3. ``loss = NTP + mu * Mixup`` (every cross-entropy smoothed by ``label_smoothing_factor``, if set), each
-   normalised as TRL normalises its loss: summed, divided by the count of its
-   tokens over the whole gradient-accumulation window on all processes (``num_items_in_batch`` for NTP, the
-   mixed-token count of `get_batch_samples` for Mixup), times the number of processes (DDP averages
-   gradients). So 2 micro-batches of 2 give the gradient of one batch of 4.
+3. ``loss = NTP + mu * Mixup`` (label-smoothed if asked), each a sum over its tokens divided by their count in
+   the accumulation window on all processes (``num_items_in_batch``; the mixed tokens of `get_batch_samples`),
+   times the processes (DDP averages): 2 micro-batches of 2 give the gradient of one batch of 4.
 
 Lambdas come from a generator seeded by ``(seed, global_step, micro-step)`` that draws the global micro-batch's
 lambdas, each process taking its slice: a resumed run, or a run on more processes, draws the same ones. With
-``mixup_weight = 0`` the loss is TRL's NTP loss on TRL's batches: the baseline (computed by the same fused head
-when it is the NLL, label smoothing included; otherwise by TRL's own ``compute_loss``). A non-finite
-loss stops training with a `SFTMixError` naming the step and the batch's example ids. The load-train-save
+``mixup_weight = 0`` the loss is TRL's NTP loss on TRL's batches (by the fused head when it is the NLL). A
+non-finite loss stops training with a `SFTMixError` naming the step and the batch's example ids. The load-train-save
 driver of ``sftmix train`` is `sftmix.pipeline.train`.
 """
 
@@ -106,7 +103,6 @@ class SFTMixTrainer(SFTTrainer):
                 pos_args = (pos_args[0], with_content_ids(pos_args[1]), *pos_args[2:])
         with warnings.catch_warnings(record=True) as caught:
             super().__init__(model, args, *pos_args, **kwargs)
-
         if self._mixup:
             if not isinstance(self.train_dataset, Dataset):
                 raise SFTMixError(
@@ -123,8 +119,7 @@ class SFTMixTrainer(SFTTrainer):
             self.data_collator, self._confident_by_id if self._mixup_on else None
         )
         # The fused head of `sftmix.head` computes its gradients in the forward pass: on CPU it is 2-3x faster than
-        # TRL's chunked head, so it also serves the NTP loss, whenever the loss is TRL's plain NLL (label smoothing
-        # included: the head smooths as transformers' LabelSmoother does, without TRL's full logits).
+        # TRL's chunked head, so it also serves the NTP loss whenever it is the NLL (label-smoothed or not).
         if self._mixup and self.aux_loss_enabled:
             raise SFTMixError(
                 "Mixup does not add the MoE router's auxiliary loss: set router_aux_loss_coef=0, or mixup_weight=0"
@@ -136,9 +131,7 @@ class SFTMixTrainer(SFTTrainer):
             and not self.aux_loss_enabled
             and not _sequence_parallel(self.accelerator)
         )
-        for (
-            w
-        ) in caught:  # TRL warns that label smoothing builds the full logits: not so when our head smooths
+        for w in caught:  # TRL's "label smoothing needs the full logits" is untrue when our head smooths
             if not (self._own_head and "`label_smoothing_factor` is deprecated" in str(w.message)):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
         if self._own_head:
@@ -277,8 +270,7 @@ class SFTMixTrainer(SFTTrainer):
             lambdas = self._draw_lambdas(roles.numel() // 2, micro_step).to(roles.device)
         else:
             roles, lambdas = None, labels.new_zeros(0, dtype=torch.float32)
-        # TRL's normalisation: a sum over tokens divided by the window's token count on all processes; DDP then
-        # averages the gradients over processes, which the factor `processes` undoes.
+        # TRL's normalisation (module docstring, 3.); the factor `processes` undoes DDP's average
         if num_items_in_batch is None:
             ntp_count = (labels != IGNORE_INDEX).sum()
             mix_count = (
