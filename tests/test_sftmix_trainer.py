@@ -337,13 +337,8 @@ def test_train_entry_point_resumes_to_the_same_result(tmp_path, tiny_llama_dir, 
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     from sftmix.data import load_sft_dataset
 
-    ids = load_sft_dataset(DataArguments(dataset_name=str(data)))["id"]
-    dynamics = tmp_path / "dynamics.jsonl"
-    dynamics.write_text(
-        "".join(
-            json.dumps({"id": i, "split": ["confident", "unconfident"][k % 2]}) + "\n"
-            for k, i in enumerate(ids)
-        )
+    dynamics = write_dynamics(
+        tmp_path / "dynamics.jsonl", load_sft_dataset(DataArguments(dataset_name=str(data)))
     )
 
     def run(out, max_steps):
@@ -445,13 +440,7 @@ def test_drop_in_on_a_plain_trl_dataset_without_ids(tmp_path, tiny_llama_dir, to
     data_file = tmp_path / "data.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cli_ids = load_sft_dataset(DataArguments(dataset_name=str(data_file)))["id"]
-    dynamics = tmp_path / "dynamics.jsonl"
-    dynamics.write_text(
-        "".join(
-            json.dumps({"id": i, "split": ["confident", "unconfident"][k % 2]}) + "\n"
-            for k, i in enumerate(cli_ids)
-        )
-    )
+    dynamics = write_dynamics(tmp_path / "dynamics.jsonl", Dataset.from_dict({"id": cli_ids}))
     trainer = SFTMixTrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
         args=SFTMixConfig(
