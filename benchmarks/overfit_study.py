@@ -390,15 +390,34 @@ def _comparisons(loaded: Loaded, table: dict, arms: list[str]) -> list[str]:
         "| set/metric | arm − ntp | epochs (arm / ntp) | seeds | difference | 95% interval | per-seed |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
+    lines += _rows(loaded, table, [(arm, "ntp") for arm in arms if arm != "ntp"], label="{arm}")
+    # The split ablation asked directly: does the paper's split beat a random one, or the online scorer's?
+    pairs = [("sftmix", other) for other in ("random", "cheap") if "sftmix" in arms and other in arms]
+    rows = _rows(loaded, table, pairs, label="sftmix − {base}")
+    if rows:
+        lines += [
+            "",
+            "The split ablation: `sftmix` (the paper's split) minus `random` and minus `cheap` (the `online` "
+            "scorer's split), same rules:",
+            "",
+            "| set/metric | comparison | epochs (sftmix / other) | seeds | difference | 95% interval | per-seed |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            *rows,
+        ]
+    return lines
 
-    def paired(arm: str, epochs: tuple[int, ...]) -> list[int]:
-        """Seeds where the arm and ntp both have per-item fields at these epochs, on both sets."""
+
+def _rows(loaded: Loaded, table: dict, pairs: list[tuple[str, str]], label: str) -> list[str]:
+    """One row per set, metric, (arm, base) pair and epoch choice (last, each one's best): arm minus base."""
+
+    def paired(arm: str, base: str, epochs: tuple[int, ...]) -> list[int]:
+        """Seeds where the arm and the base both have per-item fields at these epochs, on both sets."""
         return [
             seed
             for seed in (1, 2, 3)
             if all(
                 _has_items(loaded, f"{a}-s{seed}", e, name)
-                for a in (arm, "ntp")
+                for a in (arm, base)
                 for e in epochs
                 for name in EVAL_SETS
             )
@@ -408,23 +427,24 @@ def _comparisons(loaded: Loaded, table: dict, arms: list[str]) -> list[str]:
         by_epoch = table["indomain/perplexity"][arm]
         return min(EVAL_EPOCHS, key=lambda e: statistics.mean(by_epoch[e][s] for s in seeds))
 
+    lines = []
     for name in EVAL_SETS:
         for metric, stat in STATS.items():
-            for arm in (a for a in arms if a != "ntp"):
-                last, whole = paired(arm, (EPOCHS,)), paired(arm, EVAL_EPOCHS)
+            for arm, base in pairs:
+                last, whole = paired(arm, base, (EPOCHS,)), paired(arm, base, EVAL_EPOCHS)
                 cases = [("last", EPOCHS, EPOCHS, last)]
                 if whole:  # a best epoch among some of the epochs would not be the arm's best
-                    cases.append(("best", best(arm, whole), best("ntp", whole), whole))
+                    cases.append(("best", best(arm, whole), best(base, whole), whole))
                 for which, ea, eb, seeds in cases:
                     if not seeds:
                         continue
                     a = [_items(loaded, f"{arm}-s{seed}", ea, name) for seed in seeds]
-                    b = [_items(loaded, f"ntp-s{seed}", eb, name) for seed in seeds]
+                    b = [_items(loaded, f"{base}-s{seed}", eb, name) for seed in seeds]
                     diff, low, high, per_seed = paired_bootstrap(a, b, stat)
                     shown = ", ".join(f"s{s}: {d:+.4f}" for s, d in zip(seeds, per_seed, strict=True))
                     lines.append(
-                        f"| {name}/{metric} | {arm} ({which}) | {ea} / {eb} | {','.join(map(str, seeds))} "
-                        f"| {diff:+.4f} | [{low:+.4f}, {high:+.4f}] | {shown} |"
+                        f"| {name}/{metric} | {label.format(arm=arm, base=base)} ({which}) | {ea} / {eb} "
+                        f"| {','.join(map(str, seeds))} | {diff:+.4f} | [{low:+.4f}, {high:+.4f}] | {shown} |"
                     )
     return lines
 

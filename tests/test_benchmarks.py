@@ -81,13 +81,13 @@ def _fake_eval(out: Path, shift: float, seed: int = 0) -> None:
 
 def test_overfit_report_is_made_from_the_record_and_compares_each_arm_with_ntp(tmp_path):
     root, record = tmp_path / "overfit", tmp_path / "results" / "efficacy_overfit"
-    for arm, shift in (("ntp", 0.0), ("sftmix", 0.5)):
+    for arm, shift in (("ntp", 0.0), ("sftmix", 0.5), ("random", 0.2)):
         for seed in (1, 2):
             for epoch in overfit_study.EVAL_EPOCHS:
                 for name in overfit_study.EVAL_SETS:
                     _fake_eval(root / f"{arm}-s{seed}" / "eval" / f"e{epoch}" / name, shift, epoch)
     overfit_study.sync_record(root, record)
-    assert len(list(record.glob("*/*.npz"))) == 2 * 2 * 4 * 2
+    assert len(list(record.glob("*/*.npz"))) == 3 * 2 * 4 * 2
     shutil.rmtree(root)  # a fresh machine: the report needs the record only
     overfit_study.report_overfit(record)
     text = (tmp_path / "results" / "efficacy_overfit.md").read_text()
@@ -97,6 +97,12 @@ def test_overfit_report_is_made_from_the_record_and_compares_each_arm_with_ntp(t
     assert float(diff) > 0 and float(interval.strip("[]").split(",")[0]) > 0
     ece = next(line for line in text.splitlines() if line.startswith("| ood/ece | sftmix (last)"))
     assert float(ece.split(" | ")[4]) == 0.0
+    # the split ablation, sftmix minus random directly: NLL 0.3 higher on every item
+    ablation = next(
+        line for line in text.splitlines() if line.startswith("| ood/perplexity | sftmix − random (last)")
+    )
+    assert 0 < float(ablation.split(" | ")[4]) < float(row.split(" | ")[4])
+    assert "sftmix − cheap" not in text
     assert "ntp-s3" in text and "sftmix-s1" not in text.split("Missing")[1]
     assert "| sftmix | 1.5000 [1.5000, 1.5000] (s1,2) |" in text
     assert json.loads((tmp_path / "results" / "efficacy_overfit.json").read_text())["missing"]
