@@ -322,19 +322,7 @@ def report_overfit(record: Path) -> None:
         "seeds [min, max] (seeds).",
         "",
     ]
-    for key in sorted(table):
-        lines += [f"### {key}", "", "| arm | " + " | ".join(f"epoch {e}" for e in EVAL_EPOCHS) + " |"]
-        lines.append("| --- |" + " --- |" * len(EVAL_EPOCHS))
-        for arm in arms:
-            by_epoch = table[key].get(arm, {})
-            cells = [
-                f"{_band(list(by_epoch[e].values()))} (s{','.join(map(str, sorted(by_epoch[e])))})"
-                if e in by_epoch
-                else ""
-                for e in EVAL_EPOCHS
-            ]
-            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-        lines.append("")
+    lines += result_tables(table, arms)
     lines += _comparisons(loaded, table, arms)
     lines += _cheap_split_agreement(record)
     without = sorted({run for (run, _, _), data in loaded.items() if "nll" not in data})
@@ -355,6 +343,25 @@ def report_overfit(record: Path) -> None:
     atomic_write_text(record.parent / f"{record.name}.md", text)
     atomic_write_json(record.parent / f"{record.name}.json", {"table": table, "missing": missing})
     print(text, flush=True)
+
+
+def result_tables(table: dict, arms: list[str]) -> list[str]:
+    """One markdown table per set/metric: each arm's mean over seeds [min, max] (seeds) at each evaluated epoch."""
+    lines = []
+    for key in sorted(table):
+        lines += [f"### {key}", "", "| arm | " + " | ".join(f"epoch {e}" for e in EVAL_EPOCHS) + " |"]
+        lines.append("| --- |" + " --- |" * len(EVAL_EPOCHS))
+        for arm in arms:
+            by_epoch = table[key].get(arm, {})
+            cells = [
+                f"{_band(list(by_epoch[e].values()))} (s{','.join(map(str, sorted(by_epoch[e])))})"
+                if e in by_epoch
+                else ""
+                for e in EVAL_EPOCHS
+            ]
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def _cheap_split_agreement(record: Path) -> list[str]:
@@ -449,7 +456,9 @@ def _rows(loaded: Loaded, table: dict, pairs: list[tuple[str, str]], label: str)
     return lines
 
 
-def draw_figure(record: Path, output: Path) -> None:
+def draw_figure(
+    record: Path, output: Path, arms: tuple[str, ...] = tuple(ARMS), title: str = f"{N_TRAIN} Alpaca examples"
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -461,7 +470,7 @@ def draw_figure(record: Path, output: Path) -> None:
         for col, metric in enumerate(("perplexity", "ece")):
             ax = axes[row][col]
             lines = table.get(f"{name}/{metric}", {})
-            for arm, by_epoch in sorted(lines.items(), key=lambda item: list(ARMS).index(item[0])):
+            for arm, by_epoch in sorted(lines.items(), key=lambda item: list(arms).index(item[0])):
                 epochs = sorted(by_epoch)
                 values = [list(by_epoch[e].values()) for e in epochs]
                 mean = [statistics.mean(v) for v in values]
@@ -484,9 +493,7 @@ def draw_figure(record: Path, output: Path) -> None:
     axes[1][0].set_xlabel("epoch")
     axes[1][1].set_xlabel("epoch")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(
-        f"SmolLM2-135M-Instruct, {N_TRAIN} Alpaca examples x {EPOCHS} epochs (band: min-max over seeds)"
-    )
+    fig.suptitle(f"SmolLM2-135M-Instruct, {title} x {EPOCHS} epochs (band: min-max over seeds)")
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_suffix(".tmp.png")

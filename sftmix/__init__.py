@@ -3,7 +3,8 @@
 >>> from sftmix import SFTMixConfig, SFTMixTrainer  # drop-in for trl.SFTConfig / trl.SFTTrainer
 
 The names of the public interface (README, "Python"), imported lazily so that ``sftmix --help`` stays fast:
-`SFTMixConfig`, `SFTMixTrainer`, `DynamicsCallback`, `confidence_scores`, `median_split`, `mixup_loss`.
+`SFTMixConfig`, `SFTMixTrainer`, `DynamicsCallback`, `confidence_scores`, `median_split`, `drop_unconfident`,
+`mixup_loss`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ _EXPORTS = {
     "DynamicsCallback": "online",
     "confidence_scores": "splits",
     "median_split": "splits",
+    "drop_unconfident": "splits",
     "mixup_loss": "loss",
 }
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "SFTMixTrainer",
     "__version__",
     "confidence_scores",
+    "drop_unconfident",
     "median_split",
     "mixup_loss",
 ]
@@ -35,7 +38,7 @@ if TYPE_CHECKING:
     from .online import DynamicsCallback
     from .sftmix_config import SFTMixConfig
     from .sftmix_trainer import SFTMixTrainer
-    from .splits import confidence_scores, median_split
+    from .splits import confidence_scores, drop_unconfident, median_split
 
 
 def __getattr__(name: str):

@@ -25,9 +25,10 @@ from .errors import SFTMixError
 from .io_utils import atomic_write_json, last_complete_checkpoint
 from .models import load_model, load_tokenizer
 from .reference import stage1_args
+from .selection import unconfident_fraction
 from .sftmix_config import DataArguments, SFTMixConfig
 from .sftmix_trainer import SFTMixTrainer
-from .splits import align_split, read_dynamics_splits
+from .splits import align_split, drop_unconfident, read_dynamics_splits
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +61,22 @@ def train(model_args: ModelConfig, data_args: DataArguments, training_args: SFTM
     dataset = prepare_sft_dataset(
         data_args, tokenizer, training_args.max_length, training_args.truncation_mode
     )
-    confident_by_id = None
-    if training_args.mixup_weight > 0:  # the dynamics file and the batch shape, before anything is written
+    drop = unconfident_fraction(data_args.selection)
+    if training_args.mixup_weight > 0:  # the batch shape, before anything is written
         SFTMixTrainer._check_mixup_args(training_args)
-        if (
-            training_args.dynamics_path
-        ):  # read once: the trainer gets the parsed file; else the trainer runs stage 1
-            confident_by_id = read_dynamics_splits(training_args.dynamics_path)
-            align_split(confident_by_id, dataset["id"], training_args.dynamics_path)
+    if drop is not None:  # data cleaning needs stage 1's confidences first
+        if not training_args.dynamics_path:
+            _check_scorer_runs_first(training_args)
+            training_args.dynamics_path = str(run_dynamics(model_args, data_args, stage1_args(training_args)))
+        size = len(dataset)
+        dataset = drop_unconfident(dataset, drop, training_args.dynamics_path)
+        logger.info("selection %s kept %d of %d examples", data_args.selection, len(dataset), size)
+    confident_by_id = None
+    if training_args.mixup_weight > 0 and training_args.dynamics_path:
+        # read once: the trainer gets the parsed file (else it runs stage 1); after a drop, the halves of what is kept
+        kept = dataset["id"] if drop is not None else None
+        confident_by_id = read_dynamics_splits(training_args.dynamics_path, among=kept)
+        align_split(confident_by_id, dataset["id"], training_args.dynamics_path)
     model_kwargs = {"trust_remote_code": getattr(model_args, "trust_remote_code", False)}
     if model_args.attn_implementation is not None:
         model_kwargs["attn_implementation"] = model_args.attn_implementation
@@ -103,6 +112,7 @@ def train(model_args: ModelConfig, data_args: DataArguments, training_args: SFTM
                 "mixup_weight": training_args.mixup_weight,
                 "mixup_alpha": training_args.mixup_alpha,
                 "dynamics_path": training_args.dynamics_path,
+                "selection": data_args.selection,
                 "confidence_scorer": training_args.confidence_scorer
                 if training_args.mixup_weight > 0
                 else None,
@@ -114,14 +124,26 @@ def train(model_args: ModelConfig, data_args: DataArguments, training_args: SFTM
     return str(final_dir)
 
 
+def _check_scorer_runs_first(training_args: SFTMixConfig) -> None:
+    if training_args.confidence_scorer in ("warmup", "online"):
+        raise SFTMixError(
+            f"selection drop_unconfident needs the confidences before training, but confidence_scorer="
+            f"{training_args.confidence_scorer} makes them during it: set dynamics_path, or use the reference, "
+            "base or random scorer"
+        )
+
+
 def run_pipeline(model_args: ModelConfig, data_args: DataArguments, training_args: SFTMixConfig) -> str:
     """Run stages 1-2 then stage 3 (`train`); return the final model's dir.
 
     The ``reference``, ``base`` and ``random`` scorers run first as ``sftmix dynamics`` does
     (`sftmix.dynamics.run_dynamics`, which tokenizes the data for a reference model with its own tokenizer);
     ``warmup`` and ``online`` make the split inside the target's training (`sftmix.SFTMixTrainer`)."""
+    drop = unconfident_fraction(data_args.selection)
+    if drop is not None and not training_args.dynamics_path:
+        _check_scorer_runs_first(training_args)
     if (
-        training_args.mixup_weight > 0
+        (training_args.mixup_weight > 0 or drop is not None)
         and not training_args.dynamics_path
         and training_args.confidence_scorer not in ("warmup", "online")
     ):

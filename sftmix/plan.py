@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SFTMixError
+from .selection import unconfident_fraction
 from .sftmix_config import DataArguments, SFTMixConfig
 
 SCORING_PASS_EPOCHS = 0.2
@@ -79,12 +80,14 @@ def plan(command: str, model_args: Any, data_args: DataArguments, args: SFTMixCo
     mixup = args.mixup_weight > 0 and command != "dynamics"
     if mixup:
         SFTMixTrainer._check_mixup_args(args)
+    drop = unconfident_fraction(data_args.selection) is not None and command != "dynamics"
     scorer = "score_checkpoints" if args.score_checkpoints else args.confidence_scorer
     stages = []
-    if command == "dynamics" or (mixup and not args.dynamics_path):
-        if command == "dynamics" and scorer in ("warmup", "online"):
+    if command == "dynamics" or ((mixup or drop) and not args.dynamics_path):
+        if (command == "dynamics" or drop) and scorer in ("warmup", "online"):
             raise SFTMixError(
-                f"confidence_scorer={scorer} makes the split while the target trains: use train or run"
+                f"confidence_scorer={scorer} makes the split while the target trains: "
+                + ("set dynamics_path for selection drop_unconfident" if drop else "use train or run")
             )
         cost = stage1_cost(
             dataclasses.replace(args, mixup_weight=max(args.mixup_weight, 0.2), dynamics_path=None)

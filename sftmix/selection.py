@@ -1,15 +1,19 @@
-"""Data selection before stage 1: keep the longest responses, or the examples a file of ids names.
+"""Data selection: keep the longest responses, the examples a file of ids names, or drop the least confident.
 
 The paper shows SFTMix also helps on top of data selection (AlpaGasus-style filtered sets and the
-"longest response" heuristic). ``selection`` takes two forms:
+"longest response" heuristic). ``selection`` takes three forms:
 
 - ``longest:N`` keeps the N examples whose assistant responses are longest. Length is the total number of
   characters of all assistant turns, or of tokens when a tokenizer is given (the CLI passes the model's), so
   the choice is the one the model will see. Ties keep the earlier example.
+- ``drop_unconfident:F`` (0 < F < 1) drops the fraction F of the examples that stage 1 finds least confident:
+  data cleaning with the data map. It needs the confidences, so it is applied *after* stage 1 (by
+  `sftmix.splits.drop_unconfident`, the dynamics file's reader); here it is only validated, and stage 1 scores
+  every example.
 - anything else is a path to a file of example ids (the ``id`` column of `sftmix.data.load_sft_dataset`):
   one id per line (blank lines and ``#`` comments skipped), or a JSON list of ids.
 
-Either way the kept examples stay in their dataset order.
+The kept examples stay in their dataset order.
 """
 
 from __future__ import annotations
@@ -96,19 +100,44 @@ def select_ids(dataset: Dataset, path: Path) -> Dataset:
     return dataset.select([i for i, example_id in enumerate(dataset["id"]) if example_id in wanted])
 
 
+DROP_UNCONFIDENT = "drop_unconfident:"
+
+
+def unconfident_fraction(selection: str | None) -> float | None:
+    """The fraction F of ``drop_unconfident:F``, validated; None for any other selection.
+
+    >>> unconfident_fraction("drop_unconfident:0.25"), unconfident_fraction("longest:10")
+    (0.25, None)
+    """
+    if not selection or not selection.startswith(DROP_UNCONFIDENT):
+        return None
+    text = selection.removeprefix(DROP_UNCONFIDENT).strip()
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = float("nan")
+    if not 0 < fraction < 1:
+        raise SFTMixError(
+            f"selection {selection!r}: expected drop_unconfident:F with F a fraction between 0 and 1 "
+            "(the share of the least confident examples to drop, e.g. drop_unconfident:0.25)"
+        )
+    return fraction
+
+
 def apply_selection(dataset: Dataset, selection: str | None, tokenizer: Any | None = None) -> Dataset:
     """Apply a ``selection`` spec to an ``id``/``messages`` dataset (see the module docstring).
 
     Args:
         dataset: The dataset from `sftmix.data.load_sft_dataset`.
-        selection: None or empty (keep everything), ``longest:N``, or a path to a file of ids.
+        selection: None or empty (keep everything), ``longest:N``, or a path to a file of ids;
+            ``drop_unconfident:F`` is only validated (it is applied after stage 1, see the module docstring).
         tokenizer: With ``longest:N``, measure responses in this tokenizer's tokens instead of characters.
 
     Raises:
         SFTMixError: a malformed ``longest:`` spec, a missing id file, or an id not in the dataset (naming
             the file and line).
     """
-    if not selection:
+    if not selection or unconfident_fraction(selection) is not None:
         return dataset
     if selection.startswith("longest:"):
         count = selection.removeprefix("longest:").strip()
@@ -119,7 +148,7 @@ def apply_selection(dataset: Dataset, selection: str | None, tokenizer: Any | No
         path = Path(selection).expanduser()
         if not path.is_file():
             raise SFTMixError(
-                f"selection {selection!r}: expected longest:N or an existing file of example ids"
+                f"selection {selection!r}: expected longest:N, drop_unconfident:F or an existing file of example ids"
             )
         kept = select_ids(dataset, path)
     logger.info("Selection %s kept %d of %d examples", selection, len(kept), len(dataset))

@@ -37,9 +37,10 @@ class DataArguments:
             (``instruction=en_instruction,input=en_input,output=en_output``).
         system_prompt: Optional system message prepended to every conversation that has none.
         max_examples: Keep only the first N examples of the file (after loading, before selection).
-        selection: Data selection applied before stage 1: ``longest:N`` keeps the N examples with the
-            longest responses; any other value is a file listing example ids to keep (one per line, or a
-            JSON list).
+        selection: Data selection: ``longest:N`` keeps the N examples with the longest responses;
+            ``drop_unconfident:F`` drops the fraction F least confident by the dynamics file (``dynamics_path``,
+            or the one stage 1 writes; applied after stage 1); any other value is a file listing example ids to
+            keep (one per line, or a JSON list).
     """
 
     dataset_name: str | None = field(
@@ -68,8 +69,9 @@ class DataArguments:
     selection: str | None = field(
         default=None,
         metadata={
-            "help": "Data selection before stage 1: 'longest:N' keeps the N longest responses; otherwise a file "
-            "of example ids to keep (one per line or a JSON list)."
+            "help": "Data selection: 'longest:N' keeps the N longest responses; 'drop_unconfident:F' drops the "
+            "fraction F least confident by stage 1's dynamics file (data cleaning with the data map); otherwise a "
+            "file of example ids to keep (one per line or a JSON list)."
         },
     )
 

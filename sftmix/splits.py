@@ -10,7 +10,8 @@ SFTMix's stage 2, from the ``[N, C]`` perplexities ``Perp_c(i)`` of N examples a
 `build_dynamics_rows` makes the file's rows (one JSON object per example: ``id``, ``index``, ``perplexities``,
 ``confidence``, ``variability``, ``split``, ``num_response_tokens``) and `write_dynamics` writes them atomically;
 `read_dynamics` is the reader everything else uses (the trainer, the data map, the efficacy study), with
-`read_dynamics_splits` / `align_split` / `load_split` for the ``{id: is_confident}`` view of stage 3.
+`read_dynamics_splits` / `align_split` / `load_split` for the ``{id: is_confident}`` view of stage 3, and
+`drop_unconfident` for data cleaning with the data map (``selection: drop_unconfident:F``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from datasets import Dataset
 
 from .errors import SFTMixError
 from .io_utils import atomic_write_jsonl, iter_jsonl
@@ -232,9 +234,60 @@ def read_dynamics(
     return rows
 
 
-def read_dynamics_splits(dynamics_path: str | Path) -> dict[str, bool]:
-    """``{id: is_confident}`` of a ``dynamics.jsonl`` (`read_dynamics`)."""
-    return {str(row["id"]): row["split"] == CONFIDENT for row in read_dynamics(dynamics_path)}
+def read_dynamics_splits(dynamics_path: str | Path, among: Sequence[str] | None = None) -> dict[str, bool]:
+    """``{id: is_confident}`` of a ``dynamics.jsonl`` (`read_dynamics`): the file's own split, or with ``among``
+    the median split redone over those ids' confidences (the halves of the examples a selection kept)."""
+    if among is None:
+        return {str(row["id"]): row["split"] == CONFIDENT for row in read_dynamics(dynamics_path)}
+    by_id = {str(row["id"]): row["confidence"] for row in read_dynamics(dynamics_path, ("id", "confidence"))}
+    _check_covers(by_id, among, dynamics_path)
+    confident = median_split([by_id[str(i)] for i in among])
+    return {str(i): bool(c) for i, c in zip(among, confident, strict=True)}
+
+
+def _check_covers(known: Mapping[str, Any], ids: Sequence[str], dynamics_path: str | Path) -> None:
+    """A one-line error unless every training id is in the dynamics file (else it is of other data)."""
+    missing = [i for i in ids if str(i) not in known]
+    if missing and len(missing) == len(ids):
+        raise SFTMixError(
+            f"{dynamics_path} is for another dataset: none of the {len(ids)} training example ids is in it "
+            f"(first: {missing[0]!r}); run `sftmix dynamics` on this dataset"
+        )
+    if missing:
+        raise SFTMixError(
+            f"{dynamics_path} has no entry for {len(missing)} of the {len(ids)} training examples (first: "
+            f"{missing[0]!r}); run `sftmix dynamics` on the same dataset, selection and max_length"
+        )
+
+
+def drop_unconfident(dataset: Dataset, fraction: float, dynamics_path: str | Path) -> Dataset:
+    """``dataset`` without the ``fraction`` of its examples least confident by the dynamics file: data cleaning
+    with the data map (mislabeled and broken examples gather at low confidence, Swayamdipta et al. 2020).
+
+    ``round(fraction * N)`` examples are dropped, lowest confidence first (of equal confidences the later
+    example goes first, as in `median_split`); the rest keep their dataset order. Every id of ``dataset`` must
+    be in the file.
+
+    >>> import json, tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "dynamics.jsonl"
+    >>> _ = path.write_text("".join(json.dumps({"id": i, "confidence": c, "split": "confident"}) + "\\n"
+    ...                             for i, c in [("a", -2.0), ("b", -9.0), ("c", -1.0), ("d", -3.0)]))
+    >>> list(drop_unconfident(Dataset.from_dict({"id": ["a", "b", "c", "d"]}), 0.5, path)["id"])
+    ['a', 'c']
+    """
+    if not 0 < fraction < 1:
+        raise SFTMixError(f"drop_unconfident: the fraction must be between 0 and 1, got {fraction}")
+    by_id = {str(row["id"]): row["confidence"] for row in read_dynamics(dynamics_path, ("id", "confidence"))}
+    ids = [str(i) for i in dataset["id"]]
+    _check_covers(by_id, ids, dynamics_path)
+    n_drop = round(fraction * len(ids))
+    ranking = np.lexsort((np.arange(len(ids)), -np.array([by_id[i] for i in ids])))
+    kept = sorted(ranking[: len(ids) - n_drop].tolist())
+    if len(kept) < 2:
+        raise SFTMixError(
+            f"drop_unconfident:{fraction} leaves {len(kept)} of {len(ids)} examples to train on"
+        )
+    return dataset.select(kept)
 
 
 def load_split(dynamics_path: str | Path, ids: Sequence[str]) -> np.ndarray:
@@ -259,17 +312,7 @@ def load_split(dynamics_path: str | Path, ids: Sequence[str]) -> np.ndarray:
 def align_split(splits: Mapping[str, bool], ids: Sequence[str], dynamics_path: str | Path) -> np.ndarray:
     """`load_split` from the ``{id: is_confident}`` of `read_dynamics_splits`, so a caller that needs both
     reads the file once; ``dynamics_path`` (where ``splits`` came from) is named in the errors."""
-    missing = [i for i in ids if str(i) not in splits]
-    if missing and len(missing) == len(ids):
-        raise SFTMixError(
-            f"{dynamics_path} is for another dataset: none of the {len(ids)} training example ids is in it "
-            f"(first: {missing[0]!r}); run `sftmix dynamics` on this dataset"
-        )
-    if missing:
-        raise SFTMixError(
-            f"{dynamics_path} has no entry for {len(missing)} of the {len(ids)} training examples (first: "
-            f"{missing[0]!r}); run `sftmix dynamics` on the same dataset, selection and max_length"
-        )
+    _check_covers(splits, ids, dynamics_path)
     confident = np.array([splits[str(i)] for i in ids], dtype=bool)
     if confident.all() or not confident.any():
         half = "confident" if confident.all() else "unconfident"

@@ -87,7 +87,7 @@ def test_unknown_id_names_file_and_line(tmp_path):
 
 
 def test_bad_id_files(tmp_path):
-    with pytest.raises(SFTMixError, match="expected longest:N or an existing file"):
+    with pytest.raises(SFTMixError, match="expected longest:N, drop_unconfident:F or an existing file"):
         apply_selection(_dataset(["a"]), str(tmp_path / "missing.txt"))
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing\n\n")
