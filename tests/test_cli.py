@@ -207,3 +207,106 @@ def test_dry_run_reports_each_scorer_and_catches_bad_input(tmp_path, capsys, mon
     assert main([*base, "--per_device_train_batch_size", "3"]) == 2
     assert "must be even" in capsys.readouterr().err
     assert main(["dynamics", "--dataset_name", str(data), "--confidence_scorer", "online", "--dry_run"]) == 2
+
+
+def _train_json(out: Path) -> dict:
+    return json.loads((out / "final" / "sftmix_train.json").read_text())
+
+
+def test_drop_unconfident_trains_on_the_kept_examples(tmp_path, tiny_llama_dir):
+    """`selection: drop_unconfident:F` through the CLI: with a dynamics file (NTP on the kept 4 of 6), and with
+    stage 1 run first in the same command (the base scorer), then Mixup on the halves of what is kept."""
+    common = ["--dataset_name", str(DATA / "alpaca.json"), "--model_name_or_path", tiny_llama_dir]
+    common += [
+        "--use_cpu",
+        "true",
+        "--bf16",
+        "false",
+        "--per_device_train_batch_size",
+        "2",
+        "--num_train_epochs",
+        "1",
+    ]
+    out = tmp_path / "given"
+    argv = ["train", *common, "--mixup_weight", "0", "--dynamics_path", str(DATA / "alpaca_dynamics.jsonl")]
+    assert main([*argv, "--selection", "drop_unconfident:0.34", "--output_dir", str(out)]) == 0
+    assert _train_json(out)["global_step"] == 2  # 4 kept examples, 2 a step (6 would take 3)
+    assert _train_json(out)["selection"] == "drop_unconfident:0.34"
+    # Stage 1 here: dropping the unconfident half leaves the file's confident half alone, so Mixup works only
+    # because the kept examples are split again at their own median.
+    out = tmp_path / "staged"
+    argv = ["train", *common, "--mixup_weight", "0.2", "--confidence_scorer", "base"]
+    assert main([*argv, "--selection", "drop_unconfident:0.5", "--output_dir", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "dynamics" / "dynamics.jsonl").read_text().splitlines()]
+    assert len(rows) == 6  # stage 1 scored every example
+    assert _train_json(out)["global_step"] == 2 and _train_json(out)["dynamics_path"].endswith(
+        "dynamics.jsonl"
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["--selection", "drop_unconfident:1.5"],
+            "expected drop_unconfident:F with F a fraction between 0 and 1",
+        ),
+        (["--selection", "drop_unconfident:lots"], "expected drop_unconfident:F"),
+        (
+            [
+                "--selection",
+                "drop_unconfident:0.25",
+                "--dynamics_path",
+                str(BAD / "dynamics_other_dataset.jsonl"),
+            ],
+            "dynamics_other_dataset.jsonl is for another dataset",
+        ),
+        (
+            [
+                "--selection",
+                "drop_unconfident:0.25",
+                "--confidence_scorer",
+                "online",
+                "--num_train_epochs",
+                "2",
+            ],
+            "drop_unconfident needs the confidences before training",
+        ),
+    ],
+)
+def test_bad_drop_unconfident_is_one_line_and_writes_nothing(
+    tmp_path, capsys, tiny_llama_dir, overrides, message
+):
+    out = tmp_path / "out"
+    argv = ["train", "--dataset_name", str(DATA / "alpaca.json"), "--model_name_or_path", tiny_llama_dir]
+    argv += [
+        "--output_dir",
+        str(out),
+        "--use_cpu",
+        "true",
+        "--bf16",
+        "false",
+        "--mixup_weight",
+        "0",
+        *overrides,
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("sftmix: error: ")]
+    assert len(errors) == 1 and message in errors[0], err[-2000:]
+    assert not out.exists()
+
+
+def test_dry_run_of_drop_unconfident_plans_stage1_even_without_mixup(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "input": "", "output": "b"}\n')
+    argv = ["train", "--dataset_name", str(data), "--output_dir", str(tmp_path / "o"), "--mixup_weight", "0"]
+    assert main([*argv, "--selection", "drop_unconfident:0.25", "--dry_run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [s["stage"] for s in plan["stages"]][0].startswith("1-2: reference") and plan["stages"][1][
+        "stage"
+    ].startswith("3: NTP")
+    assert main([*argv, "--dry_run"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["stages"]) == 1
+    assert main([*argv, "--selection", "drop_unconfident:2", "--dry_run"]) == 2
+    assert "drop_unconfident:F" in capsys.readouterr().err

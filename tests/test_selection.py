@@ -101,3 +101,63 @@ def test_bad_id_files(tmp_path):
     not_ids.write_text("[1, 2]")
     with pytest.raises(SFTMixError, match="item 1 of the JSON list is not an id"):
         apply_selection(_dataset(["a"]), str(not_ids))
+
+
+# ---- drop_unconfident: data cleaning with the data map (applied after stage 1) ---------------------------------
+def _dynamics(path, confidences: dict[str, float]):
+    rows = [{"id": i, "confidence": c, "split": "confident"} for i, c in confidences.items()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("fraction, kept", [(0.25, ["id0", "id2", "id3"]), (0.5, ["id0", "id2"])])
+def test_drop_unconfident_drops_the_least_confident_and_keeps_order(tmp_path, fraction, kept):
+    from sftmix.splits import drop_unconfident
+
+    ds = _dataset(["a", "b", "c", "d"])
+    path = _dynamics(
+        tmp_path / "d.jsonl", {"id0": -1.0, "id1": -9.0, "id2": -0.5, "id3": -3.0, "extra": -0.1}
+    )
+    assert list(drop_unconfident(ds, fraction, path)["id"]) == kept
+
+
+def test_drop_unconfident_ties_drop_the_later_example(tmp_path):
+    from sftmix.splits import drop_unconfident
+
+    path = _dynamics(tmp_path / "d.jsonl", {"id0": -2.0, "id1": -2.0, "id2": -2.0, "id3": -1.0})
+    assert list(drop_unconfident(_dataset(["a"] * 4), 0.5, path)["id"]) == ["id0", "id3"]
+
+
+def test_drop_unconfident_with_other_data_is_one_line(tmp_path):
+    from sftmix.splits import drop_unconfident
+
+    ds = _dataset(["a", "b"])
+    with pytest.raises(SFTMixError, match="is for another dataset"):
+        drop_unconfident(ds, 0.5, _dynamics(tmp_path / "o.jsonl", {"x": -1.0, "y": -2.0}))
+    with pytest.raises(SFTMixError, match="no entry for 1 of the 2"):
+        drop_unconfident(ds, 0.5, _dynamics(tmp_path / "p.jsonl", {"id0": -1.0}))
+    no_confidence = tmp_path / "s.jsonl"
+    no_confidence.write_text('{"id": "id0", "split": "confident"}\n{"id": "id1", "split": "unconfident"}\n')
+    with pytest.raises(SFTMixError, match="s.jsonl: line 1: missing field 'confidence'"):
+        drop_unconfident(ds, 0.5, no_confidence)
+
+
+@pytest.mark.parametrize(
+    "spec", ["drop_unconfident:", "drop_unconfident:0", "drop_unconfident:1", "drop_unconfident:x"]
+)
+def test_bad_drop_unconfident_specs(spec):
+    with pytest.raises(SFTMixError, match="expected drop_unconfident:F with F a fraction between 0 and 1"):
+        apply_selection(_dataset(["a"]), spec)
+
+
+def test_stage1_resplits_what_the_drop_keeps(tmp_path):
+    """With Mixup after a drop, the halves are the kept examples' own median split, not the file's."""
+    from sftmix.splits import read_dynamics_splits
+
+    path = _dynamics(tmp_path / "d.jsonl", {"id0": -1.0, "id1": -9.0, "id2": -0.5, "id3": -3.0})
+    assert read_dynamics_splits(path, among=["id0", "id2", "id3"]) == {
+        "id0": False,
+        "id2": True,
+        "id3": False,
+    }
+    assert read_dynamics_splits(path, among=["id0", "id2"]) == {"id2": True, "id0": False}
