@@ -294,8 +294,9 @@ def report_noisy(record: Path) -> None:
         share = "" if r["in_unconfident_half"] is None else f"{r['in_unconfident_half']:.1%}"
         lines.append(f"| {r['signal']} | {r['kind']} | {r['n_bad']} | {r['auc']:.3f} | {share} |")
     lines += ["", "## Training arms", "", *overfit.result_tables(table, arms)]
-    pairs = [(arm, "ntp") for arm in arms if arm != "ntp"]
-    pairs += [(a, b) for a, b in (("sftmix", "random"), ("sftmix", "filter"), ("filter_mixup", "filter"))]
+    # (a) the split, (b) Mixup against cleaning, (c) the distance to the bound of knowing the bad examples
+    pairs = [(arm, "ntp") for arm in arms if arm not in ("ntp", "clean")]
+    pairs += [("sftmix", "random"), ("sftmix", "filter"), ("filter_mixup", "filter")]
     pairs += [(arm, "clean") for arm in arms if arm != "clean"]
     rows = overfit._rows(
         loaded, table, [(a, b) for a, b in pairs if a in arms and b in arms], "{arm} − {base}"

@@ -13,6 +13,7 @@ from sftmix.io_utils import atomic_write_jsonl, read_jsonl
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import efficacy_study  # noqa: E402  (a script directory, not a package)
+import noisy_study  # noqa: E402
 import overfit_study  # noqa: E402
 
 
@@ -208,3 +209,92 @@ def test_overfit_study_continues_from_the_record_on_a_fresh_machine(tmp_path, mo
     assert len(evaluations) == 8 and all(c[1] == "eval" for c in evaluations)
     assert (run / "e8-ood.npz").exists()
     assert "nll" in np.load(run / "e1-indomain.npz").files
+
+
+def test_roc_auc_matches_its_definition():
+    rng = np.random.default_rng(0)
+    scores, positive = rng.normal(size=40).round(1), rng.random(40) < 0.3
+    pairs = [(p, n) for p in scores[positive] for n in scores[~positive]]
+    expected = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs) / len(pairs)
+    assert noisy_study.roc_auc(scores, positive) == expected
+
+
+def test_noisy_study_runs_each_arm_as_asked_and_reports_detection(tmp_path, monkeypatch):
+    """The arms' commands (the filter's selection, the clean arm's data, the random arm's shuffled split), the
+    detection table from stage 1 alone, and a rerun on a fresh machine that does nothing but report."""
+    commands: list[list[str]] = []
+    bad = {"x0": "mismatched", "x1": "truncated", "x2": "wrong_language", "x5": "truncated"}
+
+    def sh(cmd: list[str], log: Path) -> None:
+        commands.append(cmd)
+        out = Path(cmd[cmd.index("--output_dir") + 1])
+        if cmd[1] == "dynamics":  # confidence -i: x0 is the most confident, so it is found late
+            rows = [
+                {
+                    "id": f"x{i}",
+                    "confidence": -i,
+                    "variability": i % 3,
+                    "split": "confident" if i < 4 else "unconfident",
+                }
+                for i in range(8)
+            ]
+            out.mkdir(parents=True)
+            atomic_write_jsonl(out / "dynamics.jsonl", rows)
+        elif cmd[1] == "train":
+            for epoch in (1, 2, 4):
+                (out / f"checkpoint-{epoch}").mkdir(parents=True)
+                (out / f"checkpoint-{epoch}" / "trainer_state.json").write_text(
+                    json.dumps({"epoch": float(epoch)})
+                )
+            (out / "final").mkdir()
+            (out / "final" / "config.json").write_text("{}")
+        else:
+            _fake_eval(out, 0.0 if "/ntp-" in cmd[cmd.index("--model_name_or_path") + 1] else 0.3)
+
+    def make_noisy_sets(root: Path, model: str) -> dict[str, Path]:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_jsonl(root / "noise.jsonl", [{"id": i, "kind": k} for i, k in bad.items()])
+        names = ("train", "indomain", "ood", "noisy", "clean", "noise")
+        return {name: root / (f"{name}.jsonl" if name != "noise" else "noise.jsonl") for name in names}
+
+    monkeypatch.setattr(noisy_study, "make_noisy_sets", make_noisy_sets)
+    monkeypatch.setattr(noisy_study, "sh", sh)
+    fast = overfit_study.paired_bootstrap
+    monkeypatch.setattr(overfit_study, "paired_bootstrap", lambda a, b, stat: fast(a, b, stat, resamples=200))
+    args = efficacy_study.argparse.Namespace(
+        root=str(tmp_path / "runs"), record=str(tmp_path / "record"), model="m", max_length=64, batch=2,
+        grad_accum=1, lr=1e-5, seeds=[1], arms=["ntp", "random", "filter", "clean"], detect=["reference", "base"],
+    )  # fmt: skip
+    noisy_study.run_noisy(args)
+    trains = {Path(c[c.index("--output_dir") + 1]).name: c for c in commands if c[1] == "train"}
+    assert list(trains) == ["ntp-s1", "random-s1", "filter-s1", "clean-s1"]
+    assert trains["filter-s1"][trains["filter-s1"].index("--selection") + 1] == "drop_unconfident:0.25"
+    assert trains["filter-s1"][trains["filter-s1"].index("--dynamics_path") + 1].endswith(
+        "dynamics-reference.jsonl"
+    )
+    assert trains["clean-s1"][trains["clean-s1"].index("--dataset_name") + 1].endswith("clean.jsonl")
+    assert trains["random-s1"][trains["random-s1"].index("--dynamics_path") + 1].endswith(
+        "random_split-s1.jsonl"
+    )
+    assert [
+        c[c.index("--confidence_scorer") + 1]
+        for c in commands
+        if c[1] == "dynamics" and "--confidence_scorer" in c
+    ] == ["base"]
+
+    text = (tmp_path / "record.md").read_text()
+    # 4 bad (x0, x1, x2, x5) among 8, confidence -i: only x5 is less confident than any good example (x3, x4),
+    # so the AUC of low confidence is 2 / (4 * 4), and only x5 is in the unconfident half (x4-x7).
+    row = next(line for line in text.splitlines() if line.startswith("| reference | all |"))
+    assert row.split(" | ")[3] == f"{2 / 16:.3f}" and row.split(" | ")[4] == "25.0% |"
+    assert "| variability (reference) | truncated | 2 |" in text
+    comparison = next(
+        line for line in text.splitlines() if line.startswith("| indomain/perplexity | filter − ntp (last)")
+    )
+    assert float(comparison.split(" | ")[4]) > 0  # every item's NLL 0.3 higher than ntp's
+    assert "| ood/perplexity | ntp − clean (last)" in text
+
+    shutil.rmtree(tmp_path / "runs")  # a fresh machine with the committed record: nothing to run again
+    commands.clear()
+    noisy_study.run_noisy(args)
+    assert commands == []
