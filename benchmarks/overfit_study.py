@@ -9,7 +9,8 @@ first study's optimiser settings otherwise. After epochs 1, 2, 4 and 8 every run
 
 Arms (same data, steps and seeds): ``ntp``; ``sftmix`` (mixup_weight 0.2, the paper's stage 1 split);
 ``random`` (0.2, the split's labels shuffled per seed); ``neftune`` (TRL's ``neftune_noise_alpha=5``,
-mixup_weight 0); ``label_smoothing`` (0.1, mixup_weight 0); ``cheap`` (SFTMix with the cheapest stage-1
+mixup_weight 0); ``label_smoothing`` (0.1, mixup_weight 0); ``dft`` (TRL's ``loss_type="dft"``); ``bema`` (TRL's
+``BEMACallback``, its weights evaluated, updated every step); ``cheap`` (SFTMix with the cheapest stage-1
 scorer that agrees with the paper's split: ``confidence_scorer=online``, measured during the run's own first
 epoch at no extra cost, Mixup from epoch 2; its split's agreement with the paper's is in the report).
 
@@ -64,8 +65,14 @@ ARMS = {
     "neftune": ["--mixup_weight", "0", "--neftune_noise_alpha", "5"],
     "label_smoothing": ["--mixup_weight", "0", "--label_smoothing_factor", "0.1"],
     "cheap": ["--mixup_weight", "0.2", "--confidence_scorer", "online"],
+    # TRL's own rivals: DFT's loss, and BEMA's weights (evaluated instead of the trained ones). BEMA updates
+    # every step: with TRL's update_freq=400 a 128-step run never updates them (tests/test_bema.py).
+    "dft": ["--mixup_weight", "0", "--loss_type", "dft"],
+    "bema": ["--mixup_weight", "0", "--bema", "true", "--bema_update_freq", "1"],
 }
-ORDER = (("ntp", "sftmix"), ("random", "neftune", "label_smoothing"), ("cheap",))
+ORDER = (("ntp", "sftmix"), ("random", "neftune", "label_smoothing"), ("cheap",), ("dft", "bema"))
+EVALUATED_WEIGHTS = {"bema": "bema"}
+"""Arm -> the subdirectory of each saved model that is evaluated (BEMA's weights, `sftmix.bema`)."""
 EVAL_SETS = ("indomain", "ood")
 METRICS = ("perplexity", "ece", "mean_confidence", "accuracy", "brier", "confidence_std")
 
@@ -161,6 +168,7 @@ def evaluate_run(
     """Evaluate each epoch's model on each held-out set, recording each result as soon as it exists; with
     ``replace``, also the evaluations the record already holds (they came from another training of the run)."""
     models, done = _epoch_checkpoints(run), {} if replace else load_record(record)
+    weights = EVALUATED_WEIGHTS.get(run.name.rsplit("-s", 1)[0], "")
     for epoch in EVAL_EPOCHS:
         for name in EVAL_SETS:
             if _has_items(done, run.name, epoch, name):
@@ -171,7 +179,8 @@ def evaluate_run(
                     raise SystemExit(
                         f"{run}: no checkpoint of epoch {epoch} to evaluate (found {sorted(models)})"
                     )
-                cmd = ["sftmix", "eval", "--model_name_or_path", str(models[epoch]), "--task", "perplexity"]
+                model = str(models[epoch] / weights) if weights else str(models[epoch])
+                cmd = ["sftmix", "eval", "--model_name_or_path", model, "--task", "perplexity"]
                 sh([*cmd, "--data_path", str(sets[name]), "--batch_size", "8", "--output_dir", str(out)], log)
             record_eval(record, run, epoch, name)
     sync_record(run.parent, record)  # the run's own split (`cheap`)
@@ -399,13 +408,17 @@ def _comparisons(loaded: Loaded, table: dict, arms: list[str]) -> list[str]:
     ]
     lines += _rows(loaded, table, [(arm, "ntp") for arm in arms if arm != "ntp"], label="{arm}")
     # The split ablation asked directly: does the paper's split beat a random one, or the online scorer's?
-    pairs = [("sftmix", other) for other in ("random", "cheap") if "sftmix" in arms and other in arms]
+    pairs = [
+        ("sftmix", other)
+        for other in ("random", "cheap", "dft", "bema")
+        if "sftmix" in arms and other in arms
+    ]
     rows = _rows(loaded, table, pairs, label="sftmix − {base}")
     if rows:
         lines += [
             "",
             "The split ablation: `sftmix` (the paper's split) minus `random` and minus `cheap` (the `online` "
-            "scorer's split), same rules:",
+            "scorer's split); and `sftmix` minus TRL's rivals `dft` and `bema`; same rules:",
             "",
             "| set/metric | comparison | epochs (sftmix / other) | seeds | difference | 95% interval | per-seed |",
             "| --- | --- | --- | --- | --- | --- | --- |",

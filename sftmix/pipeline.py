@@ -19,6 +19,7 @@ from pathlib import Path
 
 from trl import ModelConfig, get_peft_config
 
+from .bema import BEMA_DIR, BEMASaver
 from .data import prepare_sft_dataset
 from .dynamics import run_dynamics
 from .errors import SFTMixError
@@ -88,6 +89,7 @@ def train(model_args: ModelConfig, data_args: DataArguments, training_args: SFTM
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
         confident_by_id=confident_by_id,
+        callbacks=[BEMASaver(update_freq=training_args.bema_update_freq)] if training_args.bema else None,
     )
     last = last_complete_checkpoint(output_dir)
     if last is not None:
@@ -105,6 +107,9 @@ def train(model_args: ModelConfig, data_args: DataArguments, training_args: SFTM
     trainer.save_model(str(tmp_dir))  # every process calls it (FSDP/ZeRO-3 gather); the main one writes
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(tmp_dir)
+        if training_args.bema:  # TRL's callback wrote it to output_dir/bema at the end of training
+            os.replace(output_dir / BEMA_DIR, tmp_dir / BEMA_DIR)
+            tokenizer.save_pretrained(tmp_dir / BEMA_DIR)
         atomic_write_json(
             tmp_dir / "sftmix_train.json",
             {

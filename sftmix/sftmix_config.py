@@ -118,6 +118,10 @@ class SFTMixConfig(SFTConfig):
             ``rank`` (its rank among the examples of the neighbouring steps), ``detrend`` (its log-perplexity
             minus the neighbouring steps' median) or ``none``.
         online_window: Neighbouring optimizer steps on each side that ``online_correction`` compares against.
+        bema: Also keep TRL's `trl.BEMACallback` weights (bias-corrected EMA, arXiv 2508.00180) and save them as
+            ``bema/`` inside each checkpoint and the final model (`sftmix.bema`); ``sftmix train``/``run`` only.
+        bema_update_freq: Optimizer steps between BEMA updates (TRL's default 400: a run shorter than that
+            never updates them, and its ``bema/`` is the starting model).
     """
 
     mixup_weight: float = field(default=0.2, metadata={"help": "mu: weight of the Mixup regulariser."})
@@ -193,6 +197,16 @@ class SFTMixConfig(SFTConfig):
     online_window: int = field(
         default=4, metadata={"help": "online: neighbouring optimizer steps on each side to compare against."}
     )
+    bema: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep TRL's BEMA weights (bias-corrected EMA) too, saved as bema/ in each checkpoint and final/."
+        },
+    )
+    bema_update_freq: int = field(
+        default=400,
+        metadata={"help": "Steps between BEMA updates (TRL's default; a shorter run never updates them)."},
+    )
 
     @property
     def mixup_start_epoch(self) -> int:
@@ -232,6 +246,8 @@ class SFTMixConfig(SFTConfig):
             raise ValueError(
                 f"online_correction must be one of {', '.join(ONLINE_CORRECTIONS)}, got {self.online_correction!r}"
             )
+        if self.bema_update_freq < 1:
+            raise ValueError(f"bema_update_freq must be >= 1, got {self.bema_update_freq}")
         if self.num_checkpoints < 1:
             raise ValueError(f"num_checkpoints must be >= 1, got {self.num_checkpoints}")
         if self.confidence_scorer == "warmup" and (

@@ -298,3 +298,39 @@ def test_noisy_study_runs_each_arm_as_asked_and_reports_detection(tmp_path, monk
     commands.clear()
     noisy_study.run_noisy(args)
     assert commands == []
+
+
+def test_overfit_bema_arm_evaluates_the_bema_weights_and_dft_trains_with_trls_loss(tmp_path, monkeypatch):
+    commands: list[list[str]] = []
+
+    def sh(cmd: list[str], log: Path) -> None:
+        commands.append(cmd)
+        out = Path(cmd[cmd.index("--output_dir") + 1])
+        if cmd[1] == "train":
+            for epoch in (1, 2, 4):
+                (out / f"checkpoint-{epoch}").mkdir(parents=True)
+                (out / f"checkpoint-{epoch}" / "trainer_state.json").write_text(
+                    json.dumps({"epoch": float(epoch)})
+                )
+            (out / "final").mkdir()
+            (out / "final" / "config.json").write_text("{}")
+        else:
+            _fake_eval(out, 0.0)
+
+    monkeypatch.setattr(
+        overfit_study,
+        "make_sets",
+        lambda root: {n: root / f"{n}.jsonl" for n in ("train", "indomain", "ood")},
+    )
+    fast = overfit_study.paired_bootstrap
+    monkeypatch.setattr(overfit_study, "paired_bootstrap", lambda a, b, stat: fast(a, b, stat, resamples=100))
+    args = efficacy_study.argparse.Namespace(
+        root=str(tmp_path / "runs"), record=str(tmp_path / "record"), arms=["dft", "bema"], seeds=[1],
+        model="m", max_length=64, batch=2, grad_accum=1, lr=1e-5, num_checkpoints=2,
+    )  # fmt: skip
+    overfit_study.run_overfit(args, sh, efficacy_study.random_split)
+    trains = [c for c in commands if c[1] == "train"]
+    assert trains[0][trains[0].index("--loss_type") + 1] == "dft" and "--bema" in trains[1]
+    evaluated = [c[c.index("--model_name_or_path") + 1] for c in commands if c[1] == "eval"]
+    assert all(p.endswith("/bema") for p in evaluated if "/bema-s1/" in p)
+    assert sum(p.endswith("/bema") for p in evaluated) == 8 and sum("/dft-s1/" in p for p in evaluated) == 8

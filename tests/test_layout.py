@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).parents[1] / "sftmix"
 README = Path(__file__).parents[1] / "README.md"
 LAYERS = [
     "errors", "io_utils", "distributed", "sftmix_config", "selection", "records", "data", "models", "head", "scoring",
-    "splits", "datamap", "pairing", "loss", "scorers", "online", "reference", "stage1", "sftmix_trainer", "dynamics",
+    "splits", "datamap", "pairing", "loss", "scorers", "online", "reference", "stage1", "sftmix_trainer", "dynamics", "bema",
     "evaluation.compare", "evaluation.tasks", "evaluation.multiple_choice", "evaluation.calibration",
     "evaluation.perplexity", "evaluation.ifeval", "evaluation.generation", "evaluation.judge",
     "evaluation.runner", "evaluation", "pipeline", "plan", "demo", "cli", "",

@@ -62,21 +62,25 @@ class RecordingTrainer(SFTMixTrainer):
         return super().compute_loss(model, inputs, *args, **kwargs)
 
 
-def test_mixup_weight_zero_trains_exactly_like_trl(tmp_path, tiny_llama_dir, tokenizer, dataset):
+@pytest.mark.parametrize(
+    "loss_type", ["nll", "dft"]
+)  # dft: TRL's own loss (Wu et al. 2025), a rival regulariser
+def test_mixup_weight_zero_trains_exactly_like_trl(tmp_path, tiny_llama_dir, tokenizer, dataset, loss_type):
     trl_trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
-        args=SFTConfig(output_dir=str(tmp_path / "trl"), **COMMON),
+        args=SFTConfig(output_dir=str(tmp_path / "trl"), loss_type=loss_type, **COMMON),
         train_dataset=dataset,
         processing_class=tokenizer,
     )
     trl_trainer.train()
     ours = SFTMixTrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
-        args=SFTMixConfig(output_dir=str(tmp_path / "ours"), mixup_weight=0.0, **COMMON),
+        args=SFTMixConfig(output_dir=str(tmp_path / "ours"), mixup_weight=0.0, loss_type=loss_type, **COMMON),
         train_dataset=dataset,
         processing_class=tokenizer,
     )
     ours.train()
+    assert ours._own_head == (loss_type == "nll")  # DFT runs in TRL's compute_loss
     for key in ("loss", "entropy", "mean_token_accuracy", "num_tokens", "grad_norm"):
         assert losses(ours, key) == pytest.approx(losses(trl_trainer, key), rel=1e-6), key
     assert len(losses(ours)) == 3
