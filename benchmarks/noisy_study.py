@@ -251,6 +251,10 @@ def detection_rows(record: Path) -> list[dict]:
         if scorer == "reference":
             signals["variability (reference)"] = np.array([r["variability"] for r in data])
         unconfident = np.array([r["split"] == UNCONFIDENT for r in data])
+        # what `drop_unconfident:DROP` removes: the least confident, of ties the later examples first
+        ranking = np.lexsort((np.arange(len(ids)), signals[scorer]))
+        dropped = np.zeros(len(ids), dtype=bool)
+        dropped[ranking[len(ids) - round(DROP * len(ids)) :]] = True
         for name, score in signals.items():
             for kind in ("all", *KINDS):
                 bad = np.array([i in kind_of and (kind == "all" or kind_of[i] == kind) for i in ids])
@@ -262,9 +266,9 @@ def detection_rows(record: Path) -> list[dict]:
                         "kind": kind,
                         "n_bad": int(bad.sum()),
                         "auc": roc_auc(score[keep], bad[keep]),
-                        "in_unconfident_half": float(unconfident[bad].mean())
-                        if not name.startswith("variability")
-                        else None,
+                        "in_unconfident_half": float(unconfident[bad].mean()) if name == scorer else None,
+                        "dropped": float(dropped[bad].mean()) if name == scorer else None,
+                        "dropped_precision": float(bad[dropped].mean()) if name == scorer else None,
                     }
                 )
     return rows
@@ -285,14 +289,21 @@ def report_noisy(record: Path) -> None:
         "",
         "ROC AUC of the signal for finding the bad examples among the good (0.5: chance; low confidence, or high "
         "variability, flags an example), and the share of the bad examples that land in the unconfident half "
-        "(0.5 expected by chance, 1.0 at most):",
+        f"(0.5 expected by chance, 1.0 at most); then what `drop_unconfident:{DROP}` by that scorer removes: the "
+        f"share of the bad examples ({DROP:.0%} by chance), and the share of the removed that are bad (precision; "
+        f"{N_BAD / overfit.N_TRAIN:.0%} by chance, of all kinds):",
         "",
-        "| signal | kind | bad examples | ROC AUC | in the unconfident half |",
-        "| --- | --- | --- | --- | --- |",
+        "| signal | kind | bad examples | ROC AUC | in the unconfident half | removed by the filter | precision |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in detection:
-        share = "" if r["in_unconfident_half"] is None else f"{r['in_unconfident_half']:.1%}"
-        lines.append(f"| {r['signal']} | {r['kind']} | {r['n_bad']} | {r['auc']:.3f} | {share} |")
+        cells = [
+            "" if r[k] is None else f"{r[k]:.1%}"
+            for k in ("in_unconfident_half", "dropped", "dropped_precision")
+        ]
+        lines.append(
+            f"| {r['signal']} | {r['kind']} | {r['n_bad']} | {r['auc']:.3f} | " + " | ".join(cells) + " |"
+        )
     lines += ["", "## Training arms", "", *overfit.result_tables(table, arms)]
     # (a) the split, (b) Mixup against cleaning, (c) the distance to the bound of knowing the bad examples
     pairs = [(arm, "ntp") for arm in arms if arm not in ("ntp", "clean")]

@@ -223,7 +223,7 @@ def test_noisy_study_runs_each_arm_as_asked_and_reports_detection(tmp_path, monk
     """The arms' commands (the filter's selection, the clean arm's data, the random arm's shuffled split), the
     detection table from stage 1 alone, and a rerun on a fresh machine that does nothing but report."""
     commands: list[list[str]] = []
-    bad = {"x0": "mismatched", "x1": "truncated", "x2": "wrong_language", "x5": "truncated"}
+    bad = {"x0": "mismatched", "x1": "truncated", "x2": "wrong_language", "x7": "truncated"}
 
     def sh(cmd: list[str], log: Path) -> None:
         commands.append(cmd)
@@ -283,10 +283,11 @@ def test_noisy_study_runs_each_arm_as_asked_and_reports_detection(tmp_path, monk
     ] == ["base"]
 
     text = (tmp_path / "record.md").read_text()
-    # 4 bad (x0, x1, x2, x5) among 8, confidence -i: only x5 is less confident than any good example (x3, x4),
-    # so the AUC of low confidence is 2 / (4 * 4), and only x5 is in the unconfident half (x4-x7).
+    # 4 bad (x0, x1, x2, x7) among 8, confidence -i: only x7 is less confident than the good ones (all 4 of
+    # them), so the AUC of low confidence is 4 / (4 * 4); x7 is the only bad one in the unconfident half (x4-x7)
+    # and among the two that the filter drops (x6, x7): 25% of the bad, precision 50%.
     row = next(line for line in text.splitlines() if line.startswith("| reference | all |"))
-    assert row.split(" | ")[3] == f"{2 / 16:.3f}" and row.split(" | ")[4] == "25.0% |"
+    assert row.split(" | ")[3:7] == [f"{4 / 16:.3f}", "25.0%", "25.0%", "50.0% |"]
     assert "| variability (reference) | truncated | 2 |" in text
     comparison = next(
         line for line in text.splitlines() if line.startswith("| indomain/perplexity | filter − ntp (last)")
