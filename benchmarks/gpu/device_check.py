@@ -133,7 +133,6 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("B200", 2250.0),
     ("A100", 312.0),
     ("L40S", 362.1),
-    ("A10G", 70.0),
 )
 
 
@@ -365,7 +364,7 @@ def run_tests(marker: str, timeout: float) -> dict[str, Any]:
         code, tail = None, f"timed out after {timeout:.0f} s\n{(e.stdout or b'')[-4000:]!r}"
     print(tail, flush=True)
     result: dict[str, Any] = {
-        "command": " ".join(cmd[1:]),
+        "command": "python " + " ".join(cmd[1:]),
         "returncode": code,
         "wall_s": time.perf_counter() - start,
     }
