@@ -23,8 +23,8 @@ CUDA = torch.cuda.is_available()
 ON_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device")]
 # Tolerances of sftmix against TRL over three steps, from what CPU runs show (fp32: 1e-7 relative; bf16: 2e-5
 # for the losses, 4e-4 for the gradient norm) with room for CUDA's other summation orders. A near-tie top-1 token
-# can flip between two heads that sum differently (one token of the ~30 of a step is 0.03), so the accuracy gets an absolute
-# tolerance.
+# can flip between two heads that sum differently (one token of the ~30 of a step is 0.03), so the accuracy gets
+# an absolute tolerance.
 TOLERANCES = {
     "fp32": {"loss": {"rel": 1e-4}, "entropy": {"rel": 1e-4}, "grad_norm": {"rel": 1e-4}, "mean_token_accuracy": {"abs": 0.05}},
     "bf16": {"loss": {"rel": 2e-3}, "entropy": {"rel": 2e-3}, "grad_norm": {"rel": 1e-2}, "mean_token_accuracy": {"abs": 0.1}},
