@@ -1,6 +1,7 @@
 """The device check: SFTMix's correctness on CUDA, and its cost against TRL and Liger, in one short call.
 
-On a CUDA machine (about 6 minutes on an H100; see ``benchmarks/gpu/README.md`` for the whole device call):
+On a CUDA machine (about 5 minutes on an H100, an estimate: it has not run on a GPU yet; the whole device call
+is in ``benchmarks/gpu/README.md``):
 
 1. the tests marked ``gpu`` (``tests/test_gpu.py``) in a pytest subprocess: on CUDA in bf16 and fp32,
    ``mixup_weight=0`` against ``trl.SFTTrainer``, the fused head against full-logits cross-entropy, SFTMix
