@@ -164,7 +164,6 @@ def _measure(
 def _analytic_bound(model: str, batch: int, seq: int, prompt: int) -> float:
     """1 + (head FLOPs of the mixed tokens, fwd + bwd) / (model training FLOPs of the step)."""
     from transformers import AutoConfig
-    from trl.trainer.utils import compute_flops_per_token
 
     from sftmix.models import resolve_model
 
@@ -181,6 +180,14 @@ def _analytic_bound(model: str, batch: int, seq: int, prompt: int) -> float:
         )
     else:
         config = AutoConfig.from_pretrained(resolve_model(model))
+    return analytic_bound(config, batch, seq, prompt)
+
+
+def analytic_bound(config, batch: int, seq: int, prompt: int) -> float:
+    """The bound of `_analytic_bound` for a model config (``benchmarks/gpu/device_check.py`` builds its models
+    from configs): every sequence ``seq`` tokens, the first ``prompt`` of them without loss."""
+    from trl.trainer.utils import compute_flops_per_token
+
     step_flops = compute_flops_per_token(config, seq) * batch * seq
     mixed_tokens = (batch // 2) * (seq - prompt)  # equal response lengths: every response token is mixed
     head_flops = 3 * 2 * config.vocab_size * config.hidden_size * mixed_tokens
