@@ -321,6 +321,12 @@ def report_noisy(record: Path) -> None:
         "| --- | --- | --- | --- | --- | --- | --- |",
         *rows,
     ]
+    precisions = overfit.recorded_precisions(record)
+    lines += [
+        "",
+        f"Precision of the recorded runs: {', '.join(f'{r}: {p}' for r, p in precisions.items()) or 'none yet'}"
+        + (" (MIXED: compare only runs of one precision)." if len(set(precisions.values())) > 1 else "."),
+    ]
     missing = [
         f"{a}-s{s}" for a in ORDER for s in (1, 2, 3) if not overfit._all_evaluated(loaded, f"{a}-s{s}")
     ]

@@ -183,7 +183,28 @@ def evaluate_run(
                 cmd = ["sftmix", "eval", "--model_name_or_path", model, "--task", "perplexity"]
                 sh([*cmd, "--data_path", str(sets[name]), "--batch_size", "8", "--output_dir", str(out)], log)
             record_eval(record, run, epoch, name)
+    record_precision(run, record)
     sync_record(run.parent, record)  # the run's own split (`cheap`)
+
+
+def record_precision(run: Path, record: Path) -> None:
+    """Keep the precision the run trained in (figures move with it: compare only runs of one precision)."""
+    args = run / "final" / "training_args.bin"
+    target = record / run.name / "precision.json"
+    if args.exists() and not target.exists():
+        import torch
+
+        saved = torch.load(args, weights_only=False)
+        precision = "bf16" if saved.bf16 else "fp16" if saved.fp16 else "fp32"
+        atomic_write_json(target, {"precision": precision})
+
+
+def recorded_precisions(record: Path) -> dict[str, str]:
+    """``{run: precision}`` of the runs whose precision is recorded."""
+    return {
+        p.parent.name: json.loads(p.read_text())["precision"]
+        for p in sorted(record.glob("*-s*/precision.json"))
+    }
 
 
 # ---- the record: what the report is made from ----------------------------------------------------------------
@@ -341,6 +362,13 @@ def report_overfit(record: Path) -> None:
             f"Recorded without per-item fields (in the tables, not in the comparisons; a rerun trains them "
             f"again): {', '.join(without)}.",
         ]
+    precisions = recorded_precisions(record)
+    lines += [
+        "",
+        "Precision of the runs that record it (earlier ones trained in bf16 on CPUs with native bf16): "
+        + (", ".join(f"{r}: {p}" for r, p in precisions.items()) or "none")
+        + (" (MIXED: compare only runs of one precision)." if len(set(precisions.values())) > 1 else "."),
+    ]
     missing = [
         f"{arm}-s{seed}" for arm in ARMS for seed in (1, 2, 3) if not _all_evaluated(loaded, f"{arm}-s{seed}")
     ]

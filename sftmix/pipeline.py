@@ -118,6 +118,7 @@ def train(model_args: ModelConfig, data_args: DataArguments, training_args: SFTM
                 "mixup_alpha": training_args.mixup_alpha,
                 "dynamics_path": training_args.dynamics_path,
                 "selection": data_args.selection,
+                "precision": "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",
                 "confidence_scorer": training_args.confidence_scorer
                 if training_args.mixup_weight > 0
                 else None,

@@ -6,8 +6,10 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import torch
 
 from sftmix.io_utils import atomic_write_jsonl, read_jsonl
 
@@ -315,6 +317,8 @@ def test_overfit_bema_arm_evaluates_the_bema_weights_and_dft_trains_with_trls_lo
                 )
             (out / "final").mkdir()
             (out / "final" / "config.json").write_text("{}")
+            saved = SimpleNamespace(bf16="bema" in out.name, fp16=False)  # what record_precision reads
+            torch.save(saved, out / "final" / "training_args.bin")
         else:
             _fake_eval(out, 0.0)
 
@@ -335,3 +339,11 @@ def test_overfit_bema_arm_evaluates_the_bema_weights_and_dft_trains_with_trls_lo
     evaluated = [c[c.index("--model_name_or_path") + 1] for c in commands if c[1] == "eval"]
     assert all(p.endswith("/bema") for p in evaluated if "/bema-s1/" in p)
     assert sum(p.endswith("/bema") for p in evaluated) == 8 and sum("/dft-s1/" in p for p in evaluated) == 8
+    assert json.loads((tmp_path / "record" / "dft-s1" / "precision.json").read_text()) == {
+        "precision": "fp32"
+    }
+    assert "dft-s1: fp32" in (tmp_path / "record.md").read_text()
+    assert (
+        "bema-s1: bf16, dft-s1: fp32 (MIXED: compare only runs of one precision)"
+        in (tmp_path / "record.md").read_text()
+    )
