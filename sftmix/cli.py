@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .errors import SFTMixError
+from .run_lock import output_dir_lock
 
 logger = logging.getLogger("sftmix")
 
@@ -135,21 +136,24 @@ def _cmd_dynamics(argv: Sequence[str]) -> None:
     data_args, model_args, training_args = parse_config("dynamics", argv)
     from .dynamics import run_dynamics
 
-    run_dynamics(model_args, data_args, training_args)
+    with output_dir_lock(training_args.output_dir):
+        run_dynamics(model_args, data_args, training_args)
 
 
 def _cmd_train(argv: Sequence[str]) -> None:
     data_args, model_args, training_args = parse_config("train", argv)
     from .pipeline import train
 
-    train(model_args, data_args, training_args)
+    with output_dir_lock(training_args.output_dir):
+        train(model_args, data_args, training_args)
 
 
 def _cmd_run(argv: Sequence[str]) -> None:
     data_args, model_args, training_args = parse_config("run", argv)
     from .pipeline import run_pipeline
 
-    run_pipeline(model_args, data_args, training_args)
+    with output_dir_lock(training_args.output_dir):
+        run_pipeline(model_args, data_args, training_args)
 
 
 def _cmd_demo(argv: Sequence[str]) -> None:
@@ -158,11 +162,12 @@ def _cmd_demo(argv: Sequence[str]) -> None:
     from .demo import demo_defaults, write_demo_data
 
     data_args, model_args, training_args = parse_config("demo", argv, demo_defaults())
-    if data_args.dataset_name is None:  # the generated demo data, unless the user gave a dataset
-        data_args.dataset_name = str(write_demo_data(Path(training_args.output_dir) / "demo_data.jsonl"))
     from .pipeline import run_pipeline
 
-    run_pipeline(model_args, data_args, training_args)
+    with output_dir_lock(training_args.output_dir):
+        if data_args.dataset_name is None:  # the generated demo data, unless the user gave a dataset
+            data_args.dataset_name = str(write_demo_data(Path(training_args.output_dir) / "demo_data.jsonl"))
+        run_pipeline(model_args, data_args, training_args)
 
 
 def _dry_run(command: str, argv: Sequence[str]) -> None:

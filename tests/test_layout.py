@@ -17,7 +17,7 @@ import pytest
 PACKAGE = Path(__file__).parents[1] / "sftmix"
 README = Path(__file__).parents[1] / "README.md"
 LAYERS = [
-    "errors", "io_utils", "distributed", "sftmix_config", "selection", "records", "data", "models", "head", "scoring",
+    "errors", "io_utils", "run_lock", "distributed", "sftmix_config", "selection", "records", "data", "models", "head", "scoring",
     "splits", "datamap", "pairing", "loss", "scorers", "online", "reference", "stage1", "sftmix_trainer", "dynamics", "bema",
     "evaluation.compare", "evaluation.tasks", "evaluation.multiple_choice", "evaluation.calibration",
     "evaluation.perplexity", "evaluation.ifeval", "evaluation.generation", "evaluation.judge",
