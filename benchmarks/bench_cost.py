@@ -205,17 +205,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the three trainers")
-    parser.add_argument("--fp32", action="store_true", help="train in fp32 instead of bf16 autocast")
+    parser.add_argument(
+        "--precision",
+        choices=["native", "bf16", "fp32"],
+        default="native",
+        help="native: bf16 autocast where the hardware computes bf16 (a GPU, a CPU with AVX512-BF16/AMX), else fp32",
+    )
     parser.add_argument(
         "--kinds", nargs="+", choices=KINDS, default=list(KINDS[:3]), help="trainers to compare"
     )
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.precision == "native":  # never bf16 where torch emulates it (about 20x slower than fp32 there)
+        from sftmix.distributed import accelerator_available, cpu_has_bf16
+
+        args.precision = "bf16" if accelerator_available() or cpu_has_bf16() else "fp32"
     if args._child:
         result = _measure(
-            args._child, args.model, args.batch, args.seq, args.prompt, args.steps, args.warmup, not args.fp32
-        )
+            args._child, args.model, args.batch, args.seq, args.prompt, args.steps, args.warmup,
+            args.precision == "bf16",
+        )  # fmt: skip
         print("RESULT " + json.dumps(result))
         return
 
@@ -225,11 +235,9 @@ def main() -> None:
             child_args = [
                 f"--{k}={v}"
                 for k, v in vars(args).items()
-                if k not in ("output", "_child", "fp32", "rounds", "kinds")
+                if k not in ("output", "_child", "rounds", "kinds")
             ]
-            cmd = [sys.executable, __file__, "--_child", kind, *child_args] + (
-                ["--fp32"] if args.fp32 else []
-            )
+            cmd = [sys.executable, __file__, "--_child", kind, *child_args]
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
             line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
@@ -253,7 +261,7 @@ def main() -> None:
         "batch": args.batch,
         "seq": args.seq,
         "prompt": args.prompt,
-        "dtype": "fp32" if args.fp32 else "bf16-autocast",
+        "dtype": "bf16-autocast" if args.precision == "bf16" else "fp32",
         "median_step_s": step,
         "peak_rss_mb": rss,
         "sftmix_over_ntp": ratio("sftmix", "ntp"),

@@ -1,7 +1,8 @@
 """The five confidence scorers side by side: stage-1 cost, end-to-end cost against NTP, agreement with the paper's split.
 
 Every arm is one ``sftmix run`` in a fresh process on the same data and settings (SmolLM2-135M-Instruct, a seeded
-sample of Alpaca-52K, batch 8, max_length 256, bf16, 3 epochs by default):
+sample of Alpaca-52K, batch 8, max_length 256, 3 epochs by default; the precision sftmix picks, bf16 only where
+the hardware computes it natively, recorded in the result):
 
 - ``ntp``: ``--mixup_weight 0``, the baseline, run first and again last (``ntp_again``): the faster of the two
   is the NTP time, one NTP epoch is that / epochs;
@@ -122,7 +123,7 @@ def main() -> None:
         "--max_length", str(args.max_length), "--per_device_train_batch_size", str(args.batch),
         "--num_train_epochs", str(args.epochs), "--num_checkpoints", str(args.num_checkpoints), "--learning_rate",
         "2e-5", "--lr_scheduler_type", "cosine", "--warmup_steps", "0.1", "--save_strategy", "no", "--report_to",
-        "none", "--logging_steps", "5", "--bf16", "true", "--seed", "1",
+        "none", "--logging_steps", "5", "--seed", "1",
     ]  # fmt: skip
     times: dict[str, float] = {}
     results_path = root / "times.json"
@@ -171,6 +172,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "wall_seconds": {k: round(v, 1) for k, v in times.items()},
         "ntp_epoch_seconds": round(epoch, 1),
+        "precision": json.loads((root / "ntp" / "final" / "sftmix_train.json").read_text()).get("precision"),
         "scorers": table,
         "online_corrections_vs_reference": corrections,
     }

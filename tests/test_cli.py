@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -310,3 +311,40 @@ def test_dry_run_of_drop_unconfident_plans_stage1_even_without_mixup(tmp_path, c
     assert len(json.loads(capsys.readouterr().out)["stages"]) == 1
     assert main([*argv, "--selection", "drop_unconfident:2", "--dry_run"]) == 2
     assert "drop_unconfident:F" in capsys.readouterr().err
+
+
+def test_a_launcher_precision_that_contradicts_the_run_is_one_line(
+    tmp_path, capsys, monkeypatch, tiny_llama_dir
+):
+    """`accelerate launch` with mixed_precision: bf16 exports ACCELERATE_MIXED_PRECISION=bf16, which transformers
+    lets win over --bf16 false in silence; sftmix stops instead, and follows the launcher when the run says nothing."""
+    from sftmix.sftmix_config import SFTMixConfig
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    out = tmp_path / "out"
+    argv = ["train", "--dataset_name", str(DATA / "alpaca.json"), "--model_name_or_path", tiny_llama_dir]
+    assert main([*argv, "--bf16", "false", "--mixup_weight", "0", "--output_dir", str(out)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sftmix: error: ")]
+    assert (
+        len(errors) == 1
+        and "the launcher says mixed_precision=bf16" in errors[0]
+        and "bf16=False" in errors[0]
+    )
+    assert not out.exists()
+    assert SFTMixConfig(output_dir=str(out)).bf16 is True  # unset: the launcher decides
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert SFTMixConfig(output_dir=str(out), bf16=False).mixed_precision == "no"
+
+
+def test_explicit_bf16_on_a_cpu_that_emulates_it_warns_once(monkeypatch):
+    import sftmix.sftmix_config as config
+
+    monkeypatch.setattr(config, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(config, "_warned_emulated_bf16", False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    with pytest.warns(UserWarning, match="emulates it, measured about 20x slower than fp32"):
+        config.SFTMixConfig(output_dir="unused", bf16=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        config.SFTMixConfig(output_dir="unused", bf16=True)  # once per process
+        assert config.SFTMixConfig(output_dir="unused").bf16 is False  # unset: sftmix picks fp32 there
