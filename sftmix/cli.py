@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .errors import SFTMixError
+from .io_utils import stop_cleanly_on_full_disk
 from .run_lock import output_dir_lock
 
 logger = logging.getLogger("sftmix")
@@ -136,7 +137,7 @@ def _cmd_dynamics(argv: Sequence[str]) -> None:
     data_args, model_args, training_args = parse_config("dynamics", argv)
     from .dynamics import run_dynamics
 
-    with output_dir_lock(training_args.output_dir):
+    with output_dir_lock(training_args.output_dir), stop_cleanly_on_full_disk(training_args.output_dir):
         run_dynamics(model_args, data_args, training_args)
 
 
@@ -144,7 +145,7 @@ def _cmd_train(argv: Sequence[str]) -> None:
     data_args, model_args, training_args = parse_config("train", argv)
     from .pipeline import train
 
-    with output_dir_lock(training_args.output_dir):
+    with output_dir_lock(training_args.output_dir), stop_cleanly_on_full_disk(training_args.output_dir):
         train(model_args, data_args, training_args)
 
 
@@ -152,7 +153,7 @@ def _cmd_run(argv: Sequence[str]) -> None:
     data_args, model_args, training_args = parse_config("run", argv)
     from .pipeline import run_pipeline
 
-    with output_dir_lock(training_args.output_dir):
+    with output_dir_lock(training_args.output_dir), stop_cleanly_on_full_disk(training_args.output_dir):
         run_pipeline(model_args, data_args, training_args)
 
 
@@ -164,7 +165,7 @@ def _cmd_demo(argv: Sequence[str]) -> None:
     data_args, model_args, training_args = parse_config("demo", argv, demo_defaults())
     from .pipeline import run_pipeline
 
-    with output_dir_lock(training_args.output_dir):
+    with output_dir_lock(training_args.output_dir), stop_cleanly_on_full_disk(training_args.output_dir):
         if data_args.dataset_name is None:  # the generated demo data, unless the user gave a dataset
             data_args.dataset_name = str(write_demo_data(Path(training_args.output_dir) / "demo_data.jsonl"))
         run_pipeline(model_args, data_args, training_args)

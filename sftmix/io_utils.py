@@ -8,12 +8,15 @@ reported the same way everywhere.
 
 from __future__ import annotations
 
+import errno
 import glob
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +111,63 @@ def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     found = []
     for path in root.glob("checkpoint-*"):
         step = path.name.removeprefix("checkpoint-")
-        if step.isdigit() and path.is_dir() and (path / "trainer_state.json").is_file():
+        if step.isdigit() and path.is_dir() and _is_json(path / "trainer_state.json"):
             found.append((int(step), path))
     return [path for _, path in sorted(found)]
+
+
+def _is_json(path: Path) -> bool:
+    """A file that parses: a ``trainer_state.json`` cut short by a full disk is not a resume point."""
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+    """ENOSPC, also as torch's zip writer reports it (a RuntimeError without errno: "unexpected pos")."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(error)
+        if "No space left on device" in text or ("inline_container" in text and "unexpected pos" in text):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+@contextmanager
+def stop_cleanly_on_full_disk(output_dir: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk while ``output_dir`` is written into one line, after removing what was half-written.
+
+    A checkpoint the Trainer was saving (no parseable ``trainer_state.json``) and a ``final.tmp`` are removed,
+    so the last complete checkpoint stays the resume point; the message names what was being written, the free
+    space, and the size of that complete checkpoint (what the next save needs at least)."""
+    try:
+        yield
+    except Exception as e:
+        root = Path(output_dir)
+        if not _is_disk_full(e) or not root.is_dir():
+            raise
+        complete = complete_checkpoints(root)
+        half = [p for p in root.glob("checkpoint-*") if p.is_dir() and p not in complete]
+        half += [p for p in (root / "final.tmp",) if p.exists()]
+        for path in half:
+            shutil.rmtree(path, ignore_errors=True)
+        free = shutil.disk_usage(root).free / 2**20
+        where = half[0] if half else getattr(e, "filename", None) or root
+        last = complete[-1] if complete else None
+        need = f"; a checkpoint of this run takes {_size_mb(last):.1f} MB ({last.name})" if last else ""
+        resume = f"resumes from {last.name}" if last else "starts again"
+        raise SFTMixError(
+            f"disk full while writing {where} ({free:.1f} MB free on that file system{need}); the half-written "
+            f"files are removed: free space (or set save_total_limit) and run the same command again ({resume})"
+        ) from e
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
