@@ -42,7 +42,7 @@ import overfit_study as overfit
 from efficacy_study import random_split, sh
 
 from sftmix.io_utils import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
-from sftmix.splits import UNCONFIDENT
+from sftmix.splits import UNCONFIDENT, split_agreement
 
 RECORD = Path(__file__).resolve().parent / "results" / "efficacy_noisy"
 N_BAD = 64
@@ -274,6 +274,28 @@ def detection_rows(record: Path) -> list[dict]:
     return rows
 
 
+def _agreement_with_reference(record: Path) -> list[str]:
+    """How far each other scorer's split agrees with the paper's on the noisy data."""
+    paper = record / "dynamics-reference.jsonl"
+    if not paper.exists():
+        return []
+    want = {r["id"]: r["confidence"] for r in read_jsonl(paper)}
+    lines = []
+    for scorer in DETECTORS:
+        path = record / f"dynamics-{scorer}.jsonl"
+        if scorer != "reference" and path.exists():
+            agree = split_agreement({r["id"]: r["confidence"] for r in read_jsonl(path)}, want)
+            lines.append(
+                f"- `{scorer}`: {agree['same_half']:.1%} of {agree['n']} examples in the paper split's half "
+                f"(Spearman's rho of confidence {agree['spearman']:.3f})"
+            )
+    return (
+        ["", "Each scorer's split against the paper's (`reference`) on the noisy data:", *lines]
+        if lines
+        else []
+    )
+
+
 def report_noisy(record: Path) -> None:
     """Detection, tables and the paired comparisons, from the record alone, to ``<record>.md`` / ``.json``."""
     loaded = overfit.load_record(record)
@@ -304,6 +326,7 @@ def report_noisy(record: Path) -> None:
         lines.append(
             f"| {r['signal']} | {r['kind']} | {r['n_bad']} | {r['auc']:.3f} | " + " | ".join(cells) + " |"
         )
+    lines += _agreement_with_reference(record)
     lines += ["", "## Training arms", "", *overfit.result_tables(table, arms)]
     # (a) the split, (b) Mixup against cleaning, (c) the distance to the bound of knowing the bad examples
     pairs = [(arm, "ntp") for arm in arms if arm not in ("ntp", "clean")]
