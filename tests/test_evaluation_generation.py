@@ -158,7 +158,13 @@ def test_mt_bench_judging_against_local_endpoint(monkeypatch):
         server.shutdown()
         thread.join()
     # Writing question: 8 and 8; math question (graded against the reference): 3 and 3.
-    assert metrics == {"score": 5.5, "score_turn1": 5.5, "score_turn2": 5.5, "n_judgments": 4}
+    assert metrics == {
+        "score": 5.5,
+        "score_turn1": 5.5,
+        "score_turn2": 5.5,
+        "n_judgments": 4,
+        "n_unreadable": 0,
+    }
     assert [j["judge"][1] for j in judgments] == [
         "single-v1",
         "single-v1-multi-turn",
