@@ -288,6 +288,9 @@ class EvalArguments:
         default=3,
         metadata={"help": "Retries of a failed judge request (connection, 429, 5xx), with back-off."},
     )
+    judge_max_tokens: int = field(
+        default=2048, metadata={"help": "MT-Bench: longest judgment, in tokens (FastChat's 2048)."}
+    )
     reference_outputs: str | None = field(
         default=None,
         metadata={

@@ -214,6 +214,16 @@ def run_alpaca_eval(
             lc_unavailable.append(f"{type(e).__name__}: {e}")
             return main.metrics.get_winrate(readable)
 
+    class Annotator(main.annotators.PairwiseAnnotator):
+        """alpaca_eval's annotator, reading its cache with float preferences: pandas >= 3 reads the cached
+        1/2 as int64 and then refuses the 1.5 alpaca_eval writes for a tie (identical outputs)."""
+
+        def load_(self, path: Any = None) -> None:
+            super().load_(path)
+            frame = self.df_annotations
+            if frame is not None and self.annotation_key in frame:
+                frame[self.annotation_key] = frame[self.annotation_key].astype(float)
+
     # The key and URL go to alpaca_eval's OpenAI clients as arguments: nothing is written to disk, and
     # alpaca_eval leaves arguments named *api_key* out of its logs.
     client = {
@@ -236,7 +246,8 @@ def run_alpaca_eval(
                 fn_metric=metric,
                 sort_by="win_rate",  # the length-controlled one may be missing
                 is_cache_leaderboard=False,
-                annotation_kwargs={"chunksize": 16, **client},  # the cache is saved after each chunk
+                annotation_kwargs={"chunksize": 16, **client},
+                Annotator=Annotator,  # the cache is saved after each chunk
             )
     except openai.OpenAIError as e:
         raise explain_api_error(e, base_url, timeout, max_retries) from e

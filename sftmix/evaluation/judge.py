@@ -224,6 +224,7 @@ def judge_mt_bench(
     judgments_path: str | Path | None = None,
     timeout: float = 600.0,
     max_retries: int = 3,
+    max_tokens: int = 2048,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Grade each turn of each answer; return the MT-Bench scores and FastChat-style judgment records.
 
@@ -235,9 +236,10 @@ def judge_mt_bench(
         references: `load_reference_answers` of ``reference_answer/gpt-4.jsonl``.
         judgments_path: FastChat's ``model_judgment/<judge>_single.jsonl``: judgments already there (same
             prompt) are reused, new ones appended as they come; at the end it holds this run's judgments and
-            those of other models. None: nothing is read or written.
+            the earlier ones of other questions and models. None: nothing is read or written.
         timeout: Seconds to wait for one judgment.
         max_retries: Retries of a failed request (connection errors, 408/429/5xx), with back-off.
+        max_tokens: Longest judgment (FastChat: 2048).
 
     Returns:
         ``{"score", "score_turn1", "score_turn2", "n_judgments", "n_unreadable"}`` and one record per turn.
@@ -245,6 +247,10 @@ def judge_mt_bench(
     base_url, api_key = endpoint()
     path = Path(judgments_path) if judgments_path is not None else None
     previous = load_judgments(path) if path is not None else []
+    if (
+        path is not None and path.is_file()
+    ):  # rewritten without a line a crash cut short, so appends stay whole
+        atomic_write_jsonl(path, previous)
     done = {_judgment_key(r): r for r in previous}
     client = make_client(base_url, api_key, timeout, max_retries)
     records: list[dict[str, Any]] = []
@@ -263,14 +269,14 @@ def judge_mt_bench(
                 records.append(old)
                 continue
             messages = [{"role": "system", "content": system}, {"role": "user", "content": user_prompt}]
-            judgment = chat_completion(client, messages, judge_model)
+            judgment = chat_completion(client, messages, judge_model, max_tokens=max_tokens)
             record.update(judgment=judgment, score=parse_rating(judgment), tstamp=time.time())
             records.append(record)
             if path is not None:
                 _append(path, record)
-    if path is not None:  # drop this model's stale judgments (answers that changed); keep other models'
-        models = {a["model_id"] for a in answers}
+    if path is not None:  # drop the judgments this run replaced (their answer changed); keep all others
         kept = {id(r) for r in records}
-        others = [r for r in previous if r["model"] not in models and id(r) not in kept]
+        replaced = {_judgment_key(r)[:4] for r in records}
+        others = [r for r in previous if id(r) not in kept and _judgment_key(r)[:4] not in replaced]
         atomic_write_jsonl(path, others + records)
     return mt_bench_metrics(records), records

@@ -181,6 +181,7 @@ def _judge(
         judgments_path=path,
         timeout=args.judge_timeout,
         max_retries=args.judge_max_retries,
+        max_tokens=args.judge_max_tokens,
     )
     print(f"MT-Bench judgments (FastChat format): {path}")
     return metrics
