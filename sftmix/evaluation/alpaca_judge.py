@@ -210,7 +210,7 @@ def run_alpaca_eval(
             return {"win_rate": math.nan, "standard_error": math.nan, "length_controlled_winrate": math.nan}
         try:
             return main.metrics.get_length_controlled_winrate(readable, save_weights_dir=folder / "glm")
-        except (OSError, ValueError) as e:  # df_gamed.csv not on the Hub cache (offline), see above
+        except (OSError, ValueError) as e:  # offline: df_gamed.csv is not in the Hub cache, see above
             lc_unavailable.append(f"{type(e).__name__}: {e}")
             return main.metrics.get_winrate(readable)
 
@@ -246,16 +246,16 @@ def run_alpaca_eval(
                 fn_metric=metric,
                 sort_by="win_rate",  # the length-controlled one may be missing
                 is_cache_leaderboard=False,
-                annotation_kwargs={"chunksize": 16, **client},
-                Annotator=Annotator,  # the cache is saved after each chunk
+                annotation_kwargs={"chunksize": 16, **client},  # the cache is saved after each chunk
+                Annotator=Annotator,
             )
     except openai.OpenAIError as e:
         raise explain_api_error(e, base_url, timeout, max_retries) from e
     if lc_unavailable:
         logger.warning(
-            "length_controlled_winrate is null: alpaca_eval's length-controlled GLM needs df_gamed.csv from "
-            "the Hub dataset tatsu-lab/alpaca_eval, not in the Hugging Face cache (%s)",
-            lc_unavailable[0][:200],
+            "length_controlled_winrate is null: alpaca_eval's length-controlled GLM could not run (%s); offline, "
+            "it lacks df_gamed.csv from the Hub dataset tatsu-lab/alpaca_eval (see docs/evaluation_judged.md)",
+            lc_unavailable[0][:300],
         )
     row = leaderboard.loc[outputs[0]["generator"]]
     metrics = {key: _clean(row[key]) if key in row else None for key in METRICS}
