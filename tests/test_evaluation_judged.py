@@ -143,7 +143,7 @@ def _sftmix(args: list[str], base_url: str, hf_home: Path) -> subprocess.Complet
         "PYTHONPATH": str(ROOT),
     }
     argv = [sys.executable, "-m", "sftmix.cli", "eval", *args]
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
 def _eval_args(task: str, model: str, judge: str, out: Path, limit: int | None = None) -> list[str]:

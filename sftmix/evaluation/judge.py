@@ -254,26 +254,29 @@ def judge_mt_bench(
     done = {_judgment_key(r): r for r in previous}
     client = make_client(base_url, api_key, timeout, max_retries)
     records: list[dict[str, Any]] = []
-    for question, answer in zip(questions, answers, strict=True):
-        turns = answer["choices"][0]["turns"]
-        ref = question.get("reference") or references.get(question["question_id"])
-        for turn, (name, system, user_prompt) in enumerate(_prompts(question, turns, ref, judge_prompts)):
-            record = {
-                "question_id": question["question_id"],
-                "model": answer["model_id"],
-                "judge": [judge_model, name],
-                "user_prompt": user_prompt,
-                "turn": turn + 1,
-            }
-            if (old := done.get(_judgment_key(record))) is not None:
-                records.append(old)
-                continue
-            messages = [{"role": "system", "content": system}, {"role": "user", "content": user_prompt}]
-            judgment = chat_completion(client, messages, judge_model, max_tokens=max_tokens)
-            record.update(judgment=judgment, score=parse_rating(judgment), tstamp=time.time())
-            records.append(record)
-            if path is not None:
-                _append(path, record)
+    try:
+        for question, answer in zip(questions, answers, strict=True):
+            turns = answer["choices"][0]["turns"]
+            ref = question.get("reference") or references.get(question["question_id"])
+            for turn, (name, system, user_prompt) in enumerate(_prompts(question, turns, ref, judge_prompts)):
+                record = {
+                    "question_id": question["question_id"],
+                    "model": answer["model_id"],
+                    "judge": [judge_model, name],
+                    "user_prompt": user_prompt,
+                    "turn": turn + 1,
+                }
+                if (old := done.get(_judgment_key(record))) is not None:
+                    records.append(old)
+                    continue
+                messages = [{"role": "system", "content": system}, {"role": "user", "content": user_prompt}]
+                judgment = chat_completion(client, messages, judge_model, max_tokens=max_tokens)
+                record.update(judgment=judgment, score=parse_rating(judgment), tstamp=time.time())
+                records.append(record)
+                if path is not None:
+                    _append(path, record)
+    finally:
+        client.close()  # its connection pool, now rather than at interpreter exit
     if path is not None:  # drop the judgments this run replaced (their answer changed); keep all others
         kept = {id(r) for r in records}
         replaced = {_judgment_key(r)[:4] for r in records}
