@@ -27,7 +27,7 @@ COMMANDS = {
     "dynamics": "Stages 1-2: train a reference model with NTP, score C checkpoints, split by confidence.",
     "train": "Stage 3: Mixup-regularised SFT of the target model (stage 1 first when no dynamics_path is given).",
     "run": "Stages 1 to 3 in one go (one output_dir: dynamics, final model, logs).",
-    "eval": "Evaluate models: medical multiple choice, IFEval, perplexity, MT-Bench/AlpacaEval answers.",
+    "eval": "Evaluate models: medical multiple choice, IFEval, perplexity, MT-Bench/AlpacaEval (judged).",
     "datamap": "Draw the data map (confidence vs variability) of a dynamics.jsonl.",
     "demo": "The whole pipeline on the built-in default model and demo data, offline.",
 }

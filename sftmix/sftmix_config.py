@@ -308,6 +308,8 @@ class EvalArguments:
         data_path: The task's data file.
         limit: Evaluate only the first N items (per subject for MMLU, as lm-eval does).
         output_dir: Where ``eval.json`` is written.
+        judge_model: ``mt_bench`` and ``alpaca_eval``: the judge's model name on the OpenAI-compatible endpoint
+            of ``OPENAI_BASE_URL`` (key: ``OPENAI_API_KEY``); see docs/evaluation_judged.md.
     """
 
     model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={"help": "Model(s) to evaluate."})
@@ -334,4 +336,21 @@ class EvalArguments:
     judge_model: str | None = field(
         default=None,
         metadata={"help": "Judge model name on an OpenAI-compatible endpoint (OPENAI_BASE_URL)."},
+    )
+    judge_timeout: float = field(
+        default=600.0, metadata={"help": "Seconds to wait for one judgment before the run stops."}
+    )
+    judge_max_retries: int = field(
+        default=3,
+        metadata={"help": "Retries of a failed judge request (connection, 429, 5xx), with back-off."},
+    )
+    judge_max_tokens: int = field(
+        default=2048, metadata={"help": "MT-Bench: longest judgment, in tokens (FastChat's 2048)."}
+    )
+    reference_outputs: str | None = field(
+        default=None,
+        metadata={
+            "help": "AlpacaEval baseline outputs (default: reference_outputs/gpt4_1106_preview.model_outputs.json "
+            "beside data_path, the AlpacaEval 2.0 baseline)."
+        },
     )

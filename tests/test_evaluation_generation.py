@@ -158,7 +158,13 @@ def test_mt_bench_judging_against_local_endpoint(monkeypatch):
         server.shutdown()
         thread.join()
     # Writing question: 8 and 8; math question (graded against the reference): 3 and 3.
-    assert metrics == {"score": 5.5, "score_turn1": 5.5, "score_turn2": 5.5, "n_judgments": 4}
+    assert metrics == {
+        "score": 5.5,
+        "score_turn1": 5.5,
+        "score_turn2": 5.5,
+        "n_judgments": 4,
+        "n_unreadable": 0,
+    }
     assert [j["judge"][1] for j in judgments] == [
         "single-v1",
         "single-v1-multi-turn",
@@ -180,3 +186,43 @@ def test_judging_needs_an_endpoint(monkeypatch):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     with pytest.raises(SFTMixError, match="OPENAI_BASE_URL"):
         judge_mt_bench([], [], "judge", {}, {})
+
+
+def test_judgment_file_is_appended_reused_and_cleaned(monkeypatch, tmp_path):
+    server = HTTPServer(("127.0.0.1", 0), _FakeJudge)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _FakeJudge.requests = []
+    monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{server.server_port}/v1")
+    questions = load_mt_bench_questions(EVAL / "mt_bench" / "question.jsonl")
+    answers = [
+        {"question_id": q["question_id"], "model_id": "m", "choices": [{"turns": ["x1", "x2"]}]}
+        for q in questions
+    ]
+    other = {
+        "question_id": 999,
+        "model": "m",
+        "judge": ["j", "single-v1"],
+        "user_prompt": "p",
+        "turn": 1,
+        "score": 2,
+    }
+    stale = {**other, "question_id": 81, "user_prompt": "an older answer", "score": 1}
+    path = tmp_path / "model_judgment" / "j_single.jsonl"
+    path.parent.mkdir()
+    path.write_text(
+        json.dumps(other) + "\n" + json.dumps(stale) + "\n" + '{"question_id": 111, "mod'
+    )  # cut short
+    args = ("j", load_judge_prompts(EVAL / "mt_bench" / "judge_prompts.jsonl"),
+            load_reference_answers(EVAL / "mt_bench" / "reference_answer" / "gpt-4.jsonl"))  # fmt: skip
+    try:
+        first, _ = judge_mt_bench(questions, answers, *args, judgments_path=path)
+        assert len(_FakeJudge.requests) == 4  # the stale judgment (another answer) is judged again
+        again, _ = judge_mt_bench(questions, answers, *args, judgments_path=path)
+        assert len(_FakeJudge.requests) == 4 and again == first  # nothing asked twice
+    finally:
+        server.shutdown()
+        thread.join()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert records[0] == other and len(records) == 5  # other questions' judgments stay; the stale one went
+    assert [(r["question_id"], r["turn"]) for r in records[1:]] == [(81, 1), (81, 2), (111, 1), (111, 2)]

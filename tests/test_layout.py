@@ -21,7 +21,7 @@ LAYERS = [
     "splits", "datamap", "pairing", "loss", "scorers", "online", "reference", "stage1", "sftmix_trainer", "dynamics", "bema",
     "evaluation.compare", "evaluation.tasks", "evaluation.multiple_choice", "evaluation.calibration",
     "evaluation.perplexity", "evaluation.ifeval", "evaluation.generation", "evaluation.judge",
-    "evaluation.runner", "evaluation", "pipeline", "plan", "demo", "cli", "",
+    "evaluation.alpaca_judge", "evaluation.runner", "evaluation", "pipeline", "plan", "demo", "cli", "",
 ]  # fmt: skip
 
 

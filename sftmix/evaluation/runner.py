@@ -4,8 +4,9 @@ Layout of ``output_dir`` (every file written atomically):
 
 - one model: ``eval.json`` (``{task: {metric: value}}``), ``eval.md`` (the same as a table, also printed),
   ``predictions.jsonl`` (one line per item: prediction, scores, response...), plus the official answer files
-  of ``mt_bench`` (``model_answer/<model>.jsonl``, ``model_judgment/<judge>_single.jsonl``) and
-  ``alpaca_eval`` (``model_outputs.json``);
+  of ``mt_bench`` (``model_answer/<model>.jsonl``, ``model_judgment/<judge>_single.jsonl`` with
+  ``--judge_model``) and ``alpaca_eval`` (``model_outputs.json``; with ``--judge_model`` also alpaca_eval's
+  ``alpaca_eval/annotations.json`` and ``alpaca_eval/leaderboard.csv``);
 - several comma-separated models: the above in ``<output_dir>/<model name>/`` for each, and
   ``comparison.md`` / ``comparison.json``, the side-by-side table with each model's delta to the first;
 - ``--compare a/eval.json,b/eval.json``: no model is loaded; only ``comparison.md`` / ``comparison.json``.
@@ -17,6 +18,7 @@ import difflib
 import functools
 import gc
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -121,39 +123,73 @@ def run_task(
         return metrics, answers
     from .generation import generate_alpaca_eval, load_alpaca_eval_instructions, write_alpaca_eval_outputs
 
-    if args.judge_model:
-        logger.warning(
-            "judge_model applies to mt_bench only: AlpacaEval win rates come from the alpaca_eval tool"
-        )
     records = load_alpaca_eval_instructions(data_path)[: args.limit]
+    reference = _alpaca_eval_reference(args) if args.judge_model else None  # fail before generating
     outputs = generate_alpaca_eval(model, tokenizer, records, model_id, args.max_new_tokens, args.batch_size)
     path = write_alpaca_eval_outputs(outputs, output_dir)
-    print(f"AlpacaEval outputs (run `alpaca_eval --model_outputs {path}` for win rates): {path}")
-    return {
-        "n": len(outputs),
-        "avg_answer_chars": sum(len(o["output"]) for o in outputs) / len(outputs),
-    }, outputs
+    metrics = {"n": len(outputs), "avg_answer_chars": sum(len(o["output"]) for o in outputs) / len(outputs)}
+    if reference is None:
+        print(f"AlpacaEval outputs (set --judge_model, or run `alpaca_eval --model_outputs {path}`): {path}")
+        return metrics, outputs
+    from .alpaca_judge import run_alpaca_eval
+
+    assert args.judge_model is not None
+    metrics.update(
+        run_alpaca_eval(
+            outputs, reference, args.judge_model, output_dir, args.judge_timeout, args.judge_max_retries
+        )
+    )
+    print(f"AlpacaEval annotations and leaderboard: {output_dir / 'alpaca_eval'}")
+    return metrics, outputs
+
+
+def _alpaca_eval_reference(args: EvalArguments) -> Path:
+    """The baseline's outputs: ``--reference_outputs``, else AlpacaEval 2.0's beside the instructions."""
+    from .alpaca_judge import REFERENCE_FILE
+
+    assert args.data_path is not None
+    path = (
+        Path(args.reference_outputs)
+        if args.reference_outputs
+        else Path(args.data_path).parent / REFERENCE_FILE
+    )
+    if not path.is_file():
+        raise SFTMixError(
+            f"AlpacaEval reference outputs not found: {path} (set --reference_outputs to the baseline's "
+            "model_outputs.json)"
+        )
+    return path
 
 
 def _judge(
     args: EvalArguments, data_path: Path, questions: list, answers: list, output_dir: Path
-) -> dict[str, float]:
-    from .judge import judge_mt_bench, load_judge_prompts, load_reference_answers
+) -> dict[str, Any]:
+    from .judge import judge_mt_bench, judgment_file, load_judge_prompts, load_reference_answers
 
     prompts_path = _find_beside(data_path, "judge_prompts.jsonl")
     if prompts_path is None:
         raise SFTMixError(f"judge_prompts.jsonl (FastChat's judge prompts) not found beside {data_path}")
     ref_path = data_path.parent / "reference_answer" / "gpt-4.jsonl"
-    metrics, judgments = judge_mt_bench(
+    assert args.judge_model is not None
+    path = judgment_file(output_dir, args.judge_model)
+    metrics, _ = judge_mt_bench(
         questions,
         answers,
         args.judge_model,
         load_judge_prompts(prompts_path),
         load_reference_answers(ref_path),
+        judgments_path=path,
+        timeout=args.judge_timeout,
+        max_retries=args.judge_max_retries,
+        max_tokens=args.judge_max_tokens,
     )
-    judge_name = args.judge_model.replace("/", "_")
-    atomic_write_jsonl(output_dir / "model_judgment" / f"{judge_name}_single.jsonl", judgments)
+    print(f"MT-Bench judgments (FastChat format): {path}")
     return metrics
+
+
+def _strict(value: Any) -> Any:
+    """NaN -> None: eval.json is strict JSON (``NaN`` is not JSON; strict parsers reject it)."""
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def evaluate_model(args: EvalArguments, model_name: str, model_id: str, output_dir: Path) -> Results:
@@ -173,7 +209,7 @@ def evaluate_model(args: EvalArguments, model_name: str, model_id: str, output_d
     finally:
         del model
         gc.collect()
-    results = {args.task: metrics}
+    results = {args.task: {k: _strict(v) for k, v in metrics.items()}}
     atomic_write_json(output_dir / "eval.json", results)
     atomic_write_jsonl(output_dir / "predictions.jsonl", rows)
     table = results_table(results)
