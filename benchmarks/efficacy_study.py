@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from sftmix.io_utils import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
-from sftmix.splits import split_agreement
+from sftmix.stage1.splits import split_agreement
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import overfit_study  # noqa: E402
@@ -95,7 +95,7 @@ def sample_study_rows(name: str, start: int, stop: int) -> list[dict]:
     The training set is ``0:n_train``, the held-out set the ``n_heldout`` after it; anything beyond is unused
     by the study (the weak reference heals on it).
     """
-    from sftmix.data import load_sft_dataset
+    from sftmix.data.dataset import load_sft_dataset
     from sftmix.sftmix_config import DataArguments
 
     study = STUDIES[name]

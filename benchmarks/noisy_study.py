@@ -42,7 +42,7 @@ import overfit_study as overfit
 from efficacy_study import random_split, sh
 
 from sftmix.io_utils import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
-from sftmix.splits import UNCONFIDENT
+from sftmix.stage1.splits import UNCONFIDENT
 
 RECORD = Path(__file__).resolve().parent / "results" / "efficacy_noisy"
 N_BAD = 64
@@ -92,7 +92,7 @@ DETECTORS = {
 # ---- the data ------------------------------------------------------------------------------------------------
 def _chinese_responses() -> dict[str, str]:
     """The Chinese response of each Alpaca record, keyed by its English conversation (as sftmix renders it)."""
-    from sftmix.records import parse_columns, to_messages
+    from sftmix.data.records import parse_columns, to_messages
 
     columns = parse_columns(overfit.ALPACA[1])
     found = {}
@@ -108,8 +108,8 @@ def make_noisy_sets(root: Path, model: str) -> dict[str, Path]:
     """The overfit study's sets in ``root`` plus ``noisy_train.jsonl`` (64 of the 256 made bad, seed 0),
     ``clean_train.jsonl`` (the 192 left untouched) and ``noise.jsonl`` (index, id, original id and kind of each
     bad example; ids are sftmix's content ids, so they match every dynamics file)."""
-    from sftmix.models import load_tokenizer
-    from sftmix.records import example_id
+    from sftmix.data.models import load_tokenizer
+    from sftmix.data.records import example_id
 
     sets = overfit.make_sets(root)
     paths = {

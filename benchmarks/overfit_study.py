@@ -42,7 +42,7 @@ from sftmix.io_utils import (
     atomic_write_text,
     read_jsonl,
 )
-from sftmix.splits import split_agreement
+from sftmix.stage1.splits import split_agreement
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 RECORD = Path(__file__).resolve().parent / "results" / "efficacy_overfit"
@@ -71,7 +71,7 @@ METRICS = ("perplexity", "ece", "mean_confidence", "accuracy", "brier", "confide
 
 
 def _sample(source: tuple[str, str], start: int, stop: int) -> list[dict]:
-    from sftmix.data import load_sft_dataset
+    from sftmix.data.dataset import load_sft_dataset
     from sftmix.sftmix_config import DataArguments
 
     data = load_sft_dataset(DataArguments(dataset_name=source[0], dataset_columns=source[1]))

@@ -1,4 +1,4 @@
-"""Stage 3: `SFTMixTrainer`, TRL's ``SFTTrainer`` with the Mixup regulariser of `sftmix.loss`.
+"""Stage 3: `SFTMixTrainer`, TRL's ``SFTTrainer`` with the Mixup regulariser of `sftmix.mixup.loss`.
 
 One training step of SFTMix, with ``mixup_weight = mu > 0``:
 
@@ -16,7 +16,7 @@ Lambdas come from a generator seeded by ``(seed, global_step, micro-step)`` that
 lambdas, each process taking its slice: a resumed run, or a run on more processes, draws the same ones. With
 ``mixup_weight = 0`` the loss is TRL's NTP loss on TRL's batches (by the fused head when it is the NLL). A
 non-finite loss stops training with a `SFTMixError` naming the step and the batch's example ids. The load-train-save
-driver of ``sftmix train`` is `sftmix.pipeline.train`.
+driver of ``sftmix train`` is `sftmix.cli.pipeline.train`.
 """
 
 from __future__ import annotations
@@ -33,15 +33,15 @@ from accelerate.utils import gather_object, is_peft_model
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from .data import IGNORE_INDEX, with_content_ids
+from .data.dataset import IGNORE_INDEX, with_content_ids
 from .distributed import check_process_group, check_replicas_agree
 from .errors import SFTMixError
 from .io_utils import atomic_write_json
-from .loss import add_sftmix_head, count_mixed_tokens, sample_lambdas
-from .pairing import BalancedPairSampler, MixupRoleCollator, pair_rows
+from .mixup.loss import add_sftmix_head, count_mixed_tokens, sample_lambdas
+from .mixup.pairing import BalancedPairSampler, MixupRoleCollator, pair_rows
 from .sftmix_config import SFTMixConfig
-from .splits import align_split, read_dynamics_splits
-from .stage1 import MixupSwitch, prepare_stage1
+from .stage1.scorers import MixupSwitch, prepare_stage1
+from .stage1.splits import align_split, read_dynamics_splits
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ class SFTMixTrainer(SFTTrainer):
 
     With ``args.mixup_weight > 0`` (an `SFTMixConfig`) the loss is ``L_NTP + mixup_weight * L_mixup`` (see the
     module docstring), on the split of ``args.dynamics_path``, or, without one, of the stage 1 that ``train()`` runs
-    first (``args.confidence_scorer``, `sftmix.stage1`). The dataset is any dataset ``trl.SFTTrainer`` takes; its
-    examples are found in the split by their ``id`` column or, without one, by the id `sftmix.data.content_id`
+    first (``args.confidence_scorer``, `sftmix.stage1.scorers`). The dataset is any dataset ``trl.SFTTrainer`` takes; its
+    examples are found in the split by their ``id`` column or, without one, by the id `sftmix.data.dataset.content_id`
     derives from their content (the one ``sftmix dynamics`` writes). With ``mixup_weight = 0`` training is exactly
     ``trl.SFTTrainer``'s. ``confident_by_id`` (keyword only): the parsed dynamics file, if the caller has it.
 
@@ -168,7 +168,7 @@ class SFTMixTrainer(SFTTrainer):
             )
 
     def train(self, *args, **kwargs):
-        """``SFTTrainer.train`` after stage 1 (`sftmix.stage1`, when Mixup has no split yet), refusing to start unless
+        """``SFTTrainer.train`` after stage 1 (`sftmix.stage1.scorers`, when Mixup has no split yet), refusing to start unless
         the launched processes form one group, and checking at the end that they hold the same weights."""
         check_process_group(self.accelerator, self.args.world_size)
         if self._mixup and self._confident is None:

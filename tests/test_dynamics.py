@@ -14,17 +14,17 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import ModelConfig
 
-import sftmix.online as online
-import sftmix.scorers as scorers
+import sftmix.stage1.files as scorers
+import sftmix.stage1.online as online
 from sftmix import SFTMixTrainer
-from sftmix.data import dataset_fingerprint, load_sft_dataset, tokenize_sft_dataset
-from sftmix.dynamics import run_dynamics
+from sftmix.cli.dynamics import run_dynamics
+from sftmix.data.dataset import dataset_fingerprint, load_sft_dataset, tokenize_sft_dataset
 from sftmix.errors import SFTMixError
 from sftmix.io_utils import read_jsonl
-from sftmix.reference import checkpoint_steps
-from sftmix.scoring import length_grouped_batches, response_token_counts, score_checkpoint
 from sftmix.sftmix_config import DataArguments, SFTMixConfig
-from sftmix.splits import confidence_scores, median_split, split_agreement, variability_scores
+from sftmix.stage1.reference import checkpoint_steps
+from sftmix.stage1.scoring import length_grouped_batches, response_token_counts, score_checkpoint
+from sftmix.stage1.splits import confidence_scores, median_split, split_agreement, variability_scores
 
 # ---------------------------------------------------------------------------------------------------------
 # The arithmetic
@@ -195,7 +195,7 @@ import numpy as np
 from accelerate import PartialState
 from datasets import load_from_disk
 from transformers import AutoModelForCausalLM
-from sftmix.scoring import score_checkpoint
+from sftmix.stage1.scoring import score_checkpoint
 
 state = PartialState(cpu=True)
 assert state.num_processes == 2, state
@@ -477,7 +477,7 @@ def test_stale_reference_and_scores_are_detected(
 
 
 def test_bf16_scoring_is_close_to_fp32_and_auto_picks_it(tiny_llama_dir):
-    from sftmix.dynamics import _scoring_dtype
+    from sftmix.cli.dynamics import _scoring_dtype
 
     fp32 = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     bf16 = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)

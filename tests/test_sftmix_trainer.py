@@ -15,7 +15,7 @@ from trl import SFTConfig, SFTTrainer
 
 from sftmix import SFTMixConfig, SFTMixTrainer
 from sftmix.errors import SFTMixError
-from sftmix.loss import mix_hidden_states, mixup_loss
+from sftmix.mixup.loss import mix_hidden_states, mixup_loss
 
 COMMON = dict(
     learning_rate=1e-3,
@@ -324,8 +324,8 @@ def test_train_entry_point_resumes_to_the_same_result(tmp_path, tiny_llama_dir, 
     from safetensors.torch import load_file
     from trl import ModelConfig
 
-    import sftmix.splits
-    from sftmix.pipeline import train
+    import sftmix.stage1.splits
+    from sftmix.cli.pipeline import train
     from sftmix.sftmix_config import DataArguments
 
     rows = [
@@ -335,7 +335,7 @@ def test_train_entry_point_resumes_to_the_same_result(tmp_path, tiny_llama_dir, 
     ]  # fmt: skip
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    from sftmix.data import load_sft_dataset
+    from sftmix.data.dataset import load_sft_dataset
 
     dynamics = write_dynamics(
         tmp_path / "dynamics.jsonl", load_sft_dataset(DataArguments(dataset_name=str(data)))
@@ -351,9 +351,9 @@ def test_train_entry_point_resumes_to_the_same_result(tmp_path, tiny_llama_dir, 
         )
 
     reads = []
-    real_iter_jsonl = sftmix.splits.iter_jsonl
+    real_iter_jsonl = sftmix.stage1.splits.iter_jsonl
     monkeypatch.setattr(
-        sftmix.splits, "iter_jsonl", lambda path, *a: reads.append(path) or real_iter_jsonl(path, *a)
+        sftmix.stage1.splits, "iter_jsonl", lambda path, *a: reads.append(path) or real_iter_jsonl(path, *a)
     )
     straight = run(tmp_path / "straight", 4)
     assert reads == [dynamics]  # parsed once: train() hands it to the trainer and its sampler
@@ -420,7 +420,7 @@ def test_drop_in_on_a_plain_trl_dataset_without_ids(tmp_path, tiny_llama_dir, to
     """A TRL dataset as users have it (no id column): ids come from the content, as the CLI computes them."""
     from datasets import Dataset
 
-    from sftmix.data import load_sft_dataset
+    from sftmix.data.dataset import load_sft_dataset
     from sftmix.sftmix_config import DataArguments
 
     pairs = [(f"question {i} " * (1 + i % 3), f"answer number {i}" + "!" * (i % 4)) for i in range(8)]

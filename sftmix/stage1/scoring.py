@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from trl.trainer.utils import maybe_gather_lm_head_ctx, pad
 
-from .data import IGNORE_INDEX
-from .errors import SFTMixError
-from .head import fused_linear_cross_entropy, lm_head_parameters, lm_head_transform
+from ..data.dataset import IGNORE_INDEX
+from ..errors import SFTMixError
+from ..head import fused_linear_cross_entropy, lm_head_parameters, lm_head_transform
 
 
 def length_grouped_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -138,7 +138,7 @@ def score_checkpoint(
         model: A causal LM (``get_output_embeddings`` and ``base_model`` with a ``last_hidden_state``).
             Put it on the device to score on first; it is used in eval mode and left as it was.
         dataset: Rows with ``input_ids`` and unshifted ``labels`` (``-100`` where no loss), as made by
-            `sftmix.data.tokenize_sft_dataset`.
+            `sftmix.data.dataset.tokenize_sft_dataset`.
         batch_size: Examples per no-grad forward. Batches are grouped by length (longest first) and padded
             only to their own longest row.
         chunk_size: Loss positions per LM-head chunk: bounds the float32 ``[chunk, vocab]`` logits buffer.

@@ -13,9 +13,9 @@ import glob
 from pathlib import Path
 from typing import Any
 
-from .errors import SFTMixError
-from .selection import unconfident_fraction
-from .sftmix_config import DataArguments, SFTMixConfig
+from ..data.selection import unconfident_fraction
+from ..errors import SFTMixError
+from ..sftmix_config import DataArguments, SFTMixConfig
 
 SCORING_PASS_EPOCHS = 0.2
 """One no-grad scoring pass over the data, in NTP epochs (bf16, response-only head; `benchmarks/bench_scorers.py`)."""
@@ -67,7 +67,7 @@ def stage1_cost(args: SFTMixConfig) -> float:
 
 def plan(command: str, model_args: Any, data_args: DataArguments, args: SFTMixConfig) -> dict[str, Any]:
     """Check a parsed ``run``/``train``/``dynamics`` config without loading anything; return what it would do."""
-    from .sftmix_trainer import SFTMixTrainer  # the checks the trainer makes before loading
+    from ..sftmix_trainer import SFTMixTrainer  # the checks the trainer makes before loading
 
     if not data_args.dataset_name:
         raise SFTMixError("dataset_name is not set")

@@ -3,15 +3,15 @@
 `SFTMixConfig.confidence_scorer` picks one when no ``dynamics_path`` is given:
 
 - ``reference`` (the paper): a separate plain-NTP reference run; `ScoreAtStepsCallback` scores each of its C
-  checkpoints in-process when the run reaches it (`sftmix.reference.train_reference`).
+  checkpoints in-process when the run reaches it (`sftmix.stage1.reference.train_reference`).
 - ``warmup``: the target's own first ``reference_epochs`` of plain NTP are the reference run (the same callback,
   on the target's trainer); Mixup is on from then on.
-- ``online``: no extra pass: `sftmix.online.DynamicsCallback` records each example's response NLL from the training
+- ``online``: no extra pass: `sftmix.stage1.online.DynamicsCallback` records each example's response NLL from the training
   forwards of epoch 1, corrected for training progress; Mixup from epoch 2.
-- ``base``: the response perplexity of the starting model, one no-grad pass (`sftmix.scoring.score_checkpoint`).
+- ``base``: the response perplexity of the starting model, one no-grad pass (`sftmix.stage1.scoring.score_checkpoint`).
 - ``random``: a seeded random half (`random_confidence`), the ablation.
 
-All write the same ``dynamics/`` directory (`write_stage1`): ``dynamics.jsonl`` (`sftmix.splits`' format and median
+All write the same ``dynamics/`` directory (`write_stage1`): ``dynamics.jsonl`` (`sftmix.stage1.splits`' format and median
 split), ``dynamics_summary.json`` naming the scorer and the data's fingerprint, and ``datamap.png``.
 `existing_stage1` finds a finished one again, so a rerun reuses it.
 """
@@ -32,9 +32,9 @@ from accelerate.utils import is_peft_model
 from datasets import Dataset
 from transformers import TrainerCallback
 
+from ..errors import SFTMixError
+from ..io_utils import atomic_write_json
 from .datamap import draw_datamap
-from .errors import SFTMixError
-from .io_utils import atomic_write_json
 from .scoring import score_checkpoint
 from .splits import build_dynamics_rows, summarize_dynamics, write_dynamics
 
@@ -171,12 +171,12 @@ class ScoreAtStepsCallback(TrainerCallback):
     (same data, same step) is not scored again, so a rerun after a crash reuses them.
 
     Args:
-        steps: ``horizon -> steps`` (`sftmix.reference.checkpoint_steps` of the run's horizon), and
+        steps: ``horizon -> steps`` (`sftmix.stage1.reference.checkpoint_steps` of the run's horizon), and
         horizon: ``TrainerState -> T``, the last step of the reference run, computed when training begins.
         dataset: ``input_ids`` and unshifted ``labels`` of every training example (`with_training_labels`).
         scores_dir: Where ``ckpt-<step>.json`` go.
-        fingerprint: The data's `sftmix.data.dataset_fingerprint`.
-        batch_size, chunk_size, bf16: Of `sftmix.scoring.score_checkpoint`.
+        fingerprint: The data's `sftmix.data.dataset.dataset_fingerprint`.
+        batch_size, chunk_size, bf16: Of `sftmix.stage1.scoring.score_checkpoint`.
         save: Also save a Trainer checkpoint at each of those steps.
         on_done: Called with the ``[N, C]`` perplexities and the steps once the last one is scored.
     """

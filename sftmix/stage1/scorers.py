@@ -2,9 +2,9 @@
 
 `prepare_stage1` runs first, from ``SFTMixTrainer.train()``. It reuses a finished stage 1 of the same scorer and
 data in ``output_dir/dynamics/``; otherwise ``reference``, ``base`` and ``random`` make the split there and then
-(`sftmix.reference.train_reference`, one no-grad pass, a seeded draw), and ``warmup`` and ``online`` arm the
-callbacks that make it while the target trains (`sftmix.scorers.ScoreAtStepsCallback` over the first
-``reference_epochs``, `sftmix.online.DynamicsCallback` over epoch 1). Either way the trainer's ``set_split`` gets
+(`sftmix.stage1.reference.train_reference`, one no-grad pass, a seeded draw), and ``warmup`` and ``online`` arm the
+callbacks that make it while the target trains (`sftmix.stage1.files.ScoreAtStepsCallback` over the first
+``reference_epochs``, `sftmix.stage1.online.DynamicsCallback` over epoch 1). Either way the trainer's ``set_split`` gets
 the path of the written ``dynamics.jsonl``; until then the target trains with plain NTP.
 """
 
@@ -19,12 +19,10 @@ from typing import Any
 import numpy as np
 from transformers import TrainerCallback
 
-from .data import dataset_fingerprint
-from .errors import SFTMixError
-from .models import load_model, load_tokenizer
-from .online import DynamicsCallback
-from .reference import checkpoint_steps, stage1_args, train_reference
-from .scorers import (
+from ..data.dataset import dataset_fingerprint
+from ..data.models import load_model, load_tokenizer
+from ..errors import SFTMixError
+from .files import (
     ScoreAtStepsCallback,
     existing_stage1,
     random_confidence,
@@ -32,6 +30,8 @@ from .scorers import (
     with_training_labels,
     write_stage1,
 )
+from .online import DynamicsCallback
+from .reference import checkpoint_steps, stage1_args, train_reference
 from .scoring import response_token_counts, score_checkpoint
 
 logger = logging.getLogger(__name__)

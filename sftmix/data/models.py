@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .errors import SFTMixError
-from .sftmix_config import DEFAULT_MODEL
+from ..errors import SFTMixError
+from ..sftmix_config import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
 

@@ -19,16 +19,16 @@ from pathlib import Path
 
 from trl import ModelConfig, get_peft_config
 
-from .data import prepare_sft_dataset
+from ..data.dataset import prepare_sft_dataset
+from ..data.models import load_model, load_tokenizer
+from ..data.selection import unconfident_fraction
+from ..errors import SFTMixError
+from ..io_utils import atomic_write_json, last_complete_checkpoint
+from ..sftmix_config import DataArguments, SFTMixConfig
+from ..sftmix_trainer import SFTMixTrainer
+from ..stage1.reference import stage1_args
+from ..stage1.splits import align_split, drop_unconfident, read_dynamics_splits
 from .dynamics import run_dynamics
-from .errors import SFTMixError
-from .io_utils import atomic_write_json, last_complete_checkpoint
-from .models import load_model, load_tokenizer
-from .reference import stage1_args
-from .selection import unconfident_fraction
-from .sftmix_config import DataArguments, SFTMixConfig
-from .sftmix_trainer import SFTMixTrainer
-from .splits import align_split, drop_unconfident, read_dynamics_splits
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def run_pipeline(model_args: ModelConfig, data_args: DataArguments, training_arg
     """Run stages 1-2 then stage 3 (`train`); return the final model's dir.
 
     The ``reference``, ``base`` and ``random`` scorers run first as ``sftmix dynamics`` does
-    (`sftmix.dynamics.run_dynamics`, which tokenizes the data for a reference model with its own tokenizer);
+    (`sftmix.cli.dynamics.run_dynamics`, which tokenizes the data for a reference model with its own tokenizer);
     ``warmup`` and ``online`` make the split inside the target's training (`sftmix.SFTMixTrainer`)."""
     drop = unconfident_fraction(data_args.selection)
     if drop is not None and not training_args.dynamics_path:

@@ -3,7 +3,7 @@
 The reference model (the target itself by default, or a smaller one: the paper's weak-to-strong result) is
 trained on the SFT data for ``reference_epochs`` epochs with `sftmix.SFTMixTrainer` at ``mixup_weight=0``
 (exactly TRL's NTP training). At steps ``round(k * T / C)``, k = 1..C (`checkpoint_steps`), the model being
-trained is scored where it is (`sftmix.scorers.ScoreAtStepsCallback`): no checkpoint is saved and reloaded unless
+trained is scored where it is (`sftmix.stage1.files.ScoreAtStepsCallback`): no checkpoint is saved and reloaded unless
 ``keep_reference_checkpoints`` asks for it. A marker file records the data fingerprint and the settings: a rerun
 reuses the scored checkpoints, skips a finished run, and refuses a directory trained on other data or settings.
 """
@@ -24,10 +24,10 @@ from datasets import Dataset
 from transformers import PreTrainedModel
 from transformers.trainer_utils import SaveStrategy
 
-from .errors import SFTMixError
-from .io_utils import atomic_write_json, last_complete_checkpoint
-from .models import load_model
-from .scorers import SCORES_DIR, ScoreAtStepsCallback
+from ..data.models import load_model
+from ..errors import SFTMixError
+from ..io_utils import atomic_write_json, last_complete_checkpoint
+from .files import SCORES_DIR, ScoreAtStepsCallback
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def train_reference(
     Args:
         model: The reference model, or its name or path (loaded with ``dtype`` / ``attn_implementation``).
         dataset: The rows trained on, as the trainer takes them.
-        scoring_dataset: ``input_ids`` and unshifted ``labels`` of the same rows (`sftmix.scorers.with_training_labels`),
+        scoring_dataset: ``input_ids`` and unshifted ``labels`` of the same rows (`sftmix.stage1.files.with_training_labels`),
             with an ``id`` column: what is scored.
         tokenizer: The reference model's tokenizer.
         training_args: The run's `SFTMixConfig`: copied with ``output_dir=reference_dir``, ``reference_epochs``,
@@ -136,7 +136,7 @@ def train_reference(
         reference_dir: The run's directory (its marker, logs, and the checkpoints when kept); the scores files go to
             ``reference_dir/../scores``.
         trainer_cls: The trainer class (`sftmix.SFTMixTrainer`; with ``mixup_weight=0``, TRL's NTP training).
-        fingerprint: `sftmix.data.dataset_fingerprint` of ``scoring_dataset``.
+        fingerprint: `sftmix.data.dataset.dataset_fingerprint` of ``scoring_dataset``.
         model_name: The reference model's name, for the marker.
         peft_config: Train a PEFT adapter as the reference (the target run's ``peft_config``).
 

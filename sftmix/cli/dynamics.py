@@ -1,9 +1,9 @@
 """``sftmix dynamics``: stages 1 and 2 as a program of their own, from a data file to ``dynamics.jsonl``.
 
 `run_dynamics` loads and tokenizes the data with the reference model's tokenizer, then makes the split with the
-``reference`` scorer (`sftmix.reference.train_reference`: a plain-NTP run scored in-process at C steps), ``base``
+``reference`` scorer (`sftmix.stage1.reference.train_reference`: a plain-NTP run scored in-process at C steps), ``base``
 (one no-grad pass of the model) or ``random``, or scores existing checkpoints (``score_checkpoints``); every
-checkpoint's scores go to a file of their own as soon as they exist, and `sftmix.scorers.write_stage1` writes
+checkpoint's scores go to a file of their own as soon as they exist, and `sftmix.stage1.files.write_stage1` writes
 ``dynamics.jsonl``, ``dynamics_summary.json`` and the data map. (``warmup`` and ``online`` make the split while the
 target trains: `sftmix.SFTMixTrainer` runs them.)
 """
@@ -24,15 +24,15 @@ from peft import PeftConfig, PeftModel
 from transformers import PreTrainedModel
 from trl import get_peft_config
 
-from .data import dataset_fingerprint, load_sft_dataset, tokenize_sft_dataset
-from .distributed import check_process_group
-from .errors import SFTMixError
-from .models import load_model, load_tokenizer, resolve_model
-from .reference import train_reference
-from .scorers import SCORES_DIR, random_confidence, read_scores, write_scores, write_stage1
-from .scoring import response_token_counts, score_checkpoint
-from .selection import apply_selection
-from .sftmix_trainer import SFTMixTrainer
+from ..data.dataset import dataset_fingerprint, load_sft_dataset, tokenize_sft_dataset
+from ..data.models import load_model, load_tokenizer, resolve_model
+from ..data.selection import apply_selection
+from ..distributed import check_process_group
+from ..errors import SFTMixError
+from ..sftmix_trainer import SFTMixTrainer
+from ..stage1.files import SCORES_DIR, random_confidence, read_scores, write_scores, write_stage1
+from ..stage1.reference import train_reference
+from ..stage1.scoring import response_token_counts, score_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def run_dynamics(
         trainer_cls: The reference run's trainer class (default `SFTMixTrainer`, NTP only).
 
     Writes to ``output_dir``: ``scores/ckpt-*.json`` (one per checkpoint, written as each is scored),
-    ``dynamics.jsonl``, ``dynamics_summary.json`` and ``datamap.png`` (`sftmix.scorers.write_stage1`), and the
+    ``dynamics.jsonl``, ``dynamics_summary.json`` and ``datamap.png`` (`sftmix.stage1.files.write_stage1`), and the
     reference run's marker and logs in ``reference/``. Rerunning the same command after a crash reuses the
     checkpoints already scored and ends with the same bytes. Returns the ``dynamics.jsonl`` path.
     """

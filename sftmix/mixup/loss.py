@@ -28,8 +28,8 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from .data import IGNORE_INDEX
-from .head import fused_linear_cross_entropy, lm_head_parameters, lm_head_transform
+from ..data.dataset import IGNORE_INDEX
+from ..head import fused_linear_cross_entropy, lm_head_parameters, lm_head_transform
 from .pairing import pair_rows
 
 
@@ -356,4 +356,6 @@ def add_sftmix_head(model: PreTrainedModel) -> None:
             )
 
     model.forward = types.MethodType(_sftmix_forward, model)
-    model._sftmix_head = True  # `sftmix.scoring` scores through this forward (FSDP2 unshards inside it)
+    model._sftmix_head = (
+        True  # `sftmix.stage1.scoring` scores through this forward (FSDP2 unshards inside it)
+    )

@@ -2,7 +2,7 @@
 
 `DynamicsCallback` records them during any ``transformers.Trainer`` / ``trl.SFTTrainer`` run (or is fed by
 `sftmix.SFTMixTrainer`, whose fused head returns per-example sums) and writes ``dynamics.jsonl`` and the data map
-with `sftmix.scorers.write_stage1`. `progress_corrected_confidence` compares each example with those seen at
+with `sftmix.stage1.files.write_stage1`. `progress_corrected_confidence` compares each example with those seen at
 neighbouring steps, because the model measuring them improves as it trains.
 """
 
@@ -19,10 +19,10 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from transformers import TrainerCallback
 
-from .data import IGNORE_INDEX, content_id
-from .errors import SFTMixError
-from .io_utils import atomic_write_json
-from .scorers import write_stage1
+from ..data.dataset import IGNORE_INDEX, content_id
+from ..errors import SFTMixError
+from ..io_utils import atomic_write_json
+from .files import write_stage1
 
 RECORDS_FILE = "sftmix_nll_records.json"
 """`DynamicsCallback`'s records, saved in each Trainer checkpoint so a resumed run keeps them."""
@@ -68,7 +68,7 @@ def progress_corrected_confidence(
 
 
 def _token_key(ids: Sequence[int]) -> str:
-    return content_id({"input_ids": ids})  # the id sftmix.data gives a tokenized row
+    return content_id({"input_ids": ids})  # the id sftmix.data.dataset gives a tokenized row
 
 
 def _per_row_nll(output: Any, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -92,7 +92,7 @@ def _per_row_nll(output: Any, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]
 
 class DynamicsCallback(TrainerCallback):
     """Record every training example's response NLL during any ``transformers.Trainer`` / ``trl.SFTTrainer`` run
-    and write ``dynamics.jsonl`` (one perplexity per epoch, `sftmix.splits`' format and median split) and the data
+    and write ``dynamics.jsonl`` (one perplexity per epoch, `sftmix.stage1.splits`' format and median split) and the data
     map ``datamap.png`` to ``output_dir`` at the end of training.
 
     The NLL comes from the training forwards themselves (a forward hook reads TRL's per-token log-probabilities,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io_utils import atomic_write_bytes
+from ..io_utils import atomic_write_bytes
 from .splits import CONFIDENT, UNCONFIDENT, read_dynamics
 
 MAX_POINTS = 100_000
@@ -31,7 +31,7 @@ def draw_datamap(dynamics_path: str | Path, output_path: str | Path, title: str 
     """Draw the data map of a ``dynamics.jsonl`` to a PNG file; return its path.
 
     Args:
-        dynamics_path: A ``dynamics.jsonl`` written by `sftmix.dynamics.run_dynamics` (read with `sftmix.splits.read_dynamics`) (fields ``confidence``,
+        dynamics_path: A ``dynamics.jsonl`` written by `sftmix.cli.dynamics.run_dynamics` (read with `sftmix.stage1.splits.read_dynamics`) (fields ``confidence``,
             ``split``, ``perplexities`` and, if present, ``variability``).
         output_path: The PNG to write (atomically; parent directories are created).
         title: First line of the title; the second always states N, C and the split sizes. When omitted, the
