@@ -2,9 +2,9 @@
 
 >>> from sftmix import SFTMixConfig, SFTMixTrainer  # drop-in for trl.SFTConfig / trl.SFTTrainer
 
-The names of the public interface (README, "Python"), imported lazily so that ``sftmix --help`` stays fast:
-`SFTMixConfig`, `SFTMixTrainer`, `DynamicsCallback`, `confidence_scores`, `median_split`, `drop_unconfident`,
-`mixup_loss`.
+The names of the public interface (README.md, "Quick start from Python"), imported lazily so that
+``sftmix --help`` stays fast: `SFTMixConfig`, `SFTMixTrainer`, `DynamicsCallback`, `confidence_scores`,
+`median_split`, `drop_unconfident`, `mixup_loss`.
 """
 
 from __future__ import annotations

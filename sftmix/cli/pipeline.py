@@ -27,6 +27,7 @@ from ..io_utils import atomic_write_json, last_complete_checkpoint
 from ..sftmix_config import DataArguments, SFTMixConfig
 from ..sftmix_trainer import SFTMixTrainer
 from ..stage1.reference import stage1_args
+from ..stage1.scorers import scorer_for
 from ..stage1.splits import align_split, drop_unconfident, read_dynamics_splits
 from .dynamics import run_dynamics
 
@@ -63,7 +64,7 @@ def train(model_args: ModelConfig, data_args: DataArguments, training_args: SFTM
     )
     drop = unconfident_fraction(data_args.selection)
     if training_args.mixup_weight > 0:  # the batch shape, before anything is written
-        SFTMixTrainer._check_mixup_args(training_args)
+        SFTMixTrainer.check_mixup_args(training_args)
     if drop is not None:  # data cleaning needs stage 1's confidences first
         if not training_args.dynamics_path:
             _check_scorer_runs_first(training_args)
@@ -103,6 +104,7 @@ def train(model_args: ModelConfig, data_args: DataArguments, training_args: SFTM
     ):  # the final model in one file plain transformers loads, however checkpoints are kept
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(tmp_dir))  # every process calls it (FSDP/ZeRO-3 gather); the main one writes
+    trainer.save_model_card(tmp_dir)  # TRL's card, with SFTMix's settings and the data map
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(tmp_dir)
         atomic_write_json(
@@ -125,12 +127,10 @@ def train(model_args: ModelConfig, data_args: DataArguments, training_args: SFTM
 
 
 def _check_scorer_runs_first(training_args: SFTMixConfig) -> None:
-    if training_args.confidence_scorer in ("warmup", "online"):
-        raise SFTMixError(
-            f"selection drop_unconfident needs the confidences before training, but confidence_scorer="
-            f"{training_args.confidence_scorer} makes them during it: set dynamics_path, or use the reference, "
-            "base or random scorer"
-        )
+    scorer_for(training_args, checkpoints=False).check_runs_before_training(
+        "selection drop_unconfident needs the confidences before training: set dynamics_path, or use the "
+        "reference, base or random scorer"
+    )
 
 
 def run_pipeline(model_args: ModelConfig, data_args: DataArguments, training_args: SFTMixConfig) -> str:
@@ -145,7 +145,7 @@ def run_pipeline(model_args: ModelConfig, data_args: DataArguments, training_arg
     if (
         (training_args.mixup_weight > 0 or drop is not None)
         and not training_args.dynamics_path
-        and training_args.confidence_scorer not in ("warmup", "online")
+        and not scorer_for(training_args, checkpoints=False).inside_training
     ):
         training_args.dynamics_path = str(run_dynamics(model_args, data_args, stage1_args(training_args)))
     logger.info(

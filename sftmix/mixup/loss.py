@@ -11,7 +11,7 @@ sums of the label masks, no Python loop over tokens), `mix_hidden_states` builds
 targets, `sample_lambdas` draws ``lam ~ Beta(alpha, alpha)``. `sftmix_head_loss` is the loss that trains: the
 NTP rows and the mixed rows of a micro-batch through ONE call of the fused head of `sftmix.head`, and
 `add_sftmix_head` puts it inside the model's forward (so DDP, FSDP and ZeRO-3 see it). `mixup_loss` is the
-plain reference formula (the README's "The method"), with any head: the tests check the fused loss against it.
+plain reference formula (docs/method.md), with any head: the tests check the fused loss against it.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def mixup_loss(
     head: Callable[[torch.Tensor], torch.Tensor],
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """SFTMix's Mixup loss of P confident/unconfident pairs (the README's "The method"; the package exports it).
+    """SFTMix's Mixup loss of P confident/unconfident pairs (docs/method.md; the package exports it).
 
     Args:
         hidden_c: ``[P, T, H]`` last-layer hidden states (after the final norm) of the confident member of each

@@ -80,9 +80,15 @@ def draw_datamap(dynamics_path: str | Path, output_path: str | Path, title: str 
     for name, color in COLORS.items():
         idx = shown[split[shown] == name]
         ax.scatter(
-            variability[idx], confidence[idx], s=size, c=color, alpha=0.5, linewidths=0, rasterized=True,
+            variability[idx],
+            confidence[idx],
+            s=size,
+            c=color,
+            alpha=0.5,
+            linewidths=0,
+            rasterized=True,
             label=f"{name} ({counts[name]:,})",
-        )  # fmt: skip
+        )
     if counts[CONFIDENT] and counts[UNCONFIDENT]:  # the median split's boundary
         boundary = (confidence[split == CONFIDENT].min() + confidence[split == UNCONFIDENT].max()) / 2
         ax.axhline(boundary, color="0.3", linestyle="--", linewidth=1, label="median split")
@@ -110,9 +116,13 @@ def draw_datamap(dynamics_path: str | Path, output_path: str | Path, title: str 
         else:
             edges = np.linspace(lo, hi if hi > lo else lo + 1, 41)
         hist_ax.hist(
-            [data[split == name] for name in COLORS], bins=edges, stacked=True, color=list(COLORS.values()),
-            alpha=0.7, orientation=orientation,
-        )  # fmt: skip
+            [data[split == name] for name in COLORS],
+            bins=edges,
+            stacked=True,
+            color=list(COLORS.values()),
+            alpha=0.7,
+            orientation=orientation,
+        )
         hist_ax.tick_params(labelbottom=False, labelleft=False)
         hist_ax.set_xlabel("examples" if orientation == "horizontal" else "")
         hist_ax.set_ylabel("examples" if orientation == "vertical" else "")

@@ -1,4 +1,4 @@
-"""sftmix.mixup.loss: the Mixup loss against a per-token Python loop of the formula (README, "The method")."""
+"""sftmix.mixup.loss: the Mixup loss against a per-token Python loop of the formula (docs/method.md)."""
 
 from __future__ import annotations
 
