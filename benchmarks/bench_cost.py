@@ -43,7 +43,7 @@ def _tiny_model_dir(root: Path) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sftmix.models import load_tokenizer
+    from sftmix.data.models import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     torch.manual_seed(0)
@@ -105,7 +105,7 @@ def _measure(
     from transformers import TrainerCallback
 
     from sftmix import SFTMixConfig, SFTMixTrainer
-    from sftmix.models import load_model, load_tokenizer, resolve_model
+    from sftmix.data.models import load_model, load_tokenizer, resolve_model
 
     torch.manual_seed(0)
     root = Path(tempfile.mkdtemp(prefix="bench_cost_"))
@@ -165,7 +165,7 @@ def _analytic_bound(model: str, batch: int, seq: int, prompt: int) -> float:
     """1 + (head FLOPs of the mixed tokens, fwd + bwd) / (model training FLOPs of the step)."""
     from transformers import AutoConfig
 
-    from sftmix.models import resolve_model
+    from sftmix.data.models import resolve_model
 
     if model == "tiny":
         from transformers import LlamaConfig

@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from sftmix.io_utils import atomic_write_json, atomic_write_jsonl, read_jsonl
-from sftmix.online import progress_corrected_confidence
-from sftmix.splits import split_agreement
+from sftmix.stage1.online import progress_corrected_confidence
+from sftmix.stage1.splits import split_agreement
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 ALPACA = SHARED / "alpaca_52k_en_zh_parts"
@@ -46,7 +46,7 @@ SCORERS = ("reference", "warmup", "online", "base", "random")
 def _sample(root: Path, n: int) -> Path:
     path = root / "train.jsonl"
     if not path.exists():
-        from sftmix.data import load_sft_dataset
+        from sftmix.data.dataset import load_sft_dataset
         from sftmix.sftmix_config import DataArguments
 
         data = load_sft_dataset(
@@ -94,7 +94,7 @@ def stage1_seconds(section: str, scorer: str) -> float:
         per_step = {step: int(m) * 60 + int(s) for step, m, s in elapsed}  # the last bar of each step
         return float(sum(per_step.values()))
     lines = section.splitlines()
-    start = next(line for line in lines if "sftmix.data: Loaded" in line)
+    start = next(line for line in lines if "sftmix.data.dataset: Loaded" in line)
     done = next(line for line in lines if f"Stage 1 ({scorer})" in line)
     return _stamp(done) - _stamp(start)
 

@@ -15,30 +15,34 @@ Arms: ``ntp`` (``mixup_weight=0``), ``sftmix`` (0.2); ablations: ``equal`` (1.0,
     python benchmarks/efficacy_study.py --study alpaca --seeds 1 2 3
     python benchmarks/efficacy_study.py --study alpaca --report   # tables from what has finished
 
-``--study overfit`` (`overfit_study`): 256 examples x 8 epochs, evaluated after epochs 1, 2, 4, 8 in domain and
-out of domain, against NEFTune and label smoothing.
+``--study overfit`` runs `overfit_study` (256 examples x 8 epochs, evaluated after epochs 1, 2, 4, 8 in domain and
+out of domain, against NEFTune and label smoothing), which also runs on its own. What the studies share (sampling,
+training flags, the paired bootstrap) is `study_common`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import overfit_study
+from study_common import (
+    SHARED,
+    add_training_arguments,
+    paired_bootstrap,
+    random_split,
+    sample_rows,
+    sh,
+    training_flags,
+)
 
 from sftmix.io_utils import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
-from sftmix.splits import split_agreement
+from sftmix.stage1.splits import split_agreement
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import overfit_study  # noqa: E402
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 # Arm -> mixup_weight. ``base`` is the untrained model (evaluated once, as seed 0); ``weak`` is SFTMix with the
 # split measured by ``--weak_reference`` (a smaller model with the same tokenizer): the weak-to-strong ablation.
 ARMS = {"base": None, "ntp": 0.0, "sftmix": 0.2, "equal": 1.0, "random": 0.2, "weak": 0.2}
@@ -79,30 +83,14 @@ def _task_limit(text: str) -> tuple[str, int]:
     return task, int(n)
 
 
-def sh(cmd: list[str], log: Path) -> None:
-    """Run a sftmix command, appending its output to ``log``; stop the study if it fails."""
-    print("$ " + " ".join(cmd), flush=True)
-    with open(log, "a") as f:
-        f.write(f"\n$ {' '.join(cmd)}\n")
-        f.flush()
-        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
-            sys.exit(f"failed: {' '.join(cmd)} (see {log})")
-
-
 def sample_study_rows(name: str, start: int, stop: int) -> list[dict]:
     """Examples ``start:stop`` of the study's source in a fixed random order (seed 0), as OpenAI messages.
 
     The training set is ``0:n_train``, the held-out set the ``n_heldout`` after it; anything beyond is unused
     by the study (the weak reference heals on it).
     """
-    from sftmix.data import load_sft_dataset
-    from sftmix.sftmix_config import DataArguments
-
     study = STUDIES[name]
-    data = load_sft_dataset(DataArguments(dataset_name=study["source"], dataset_columns=study["columns"]))
-    order = list(range(len(data)))
-    random.Random(0).shuffle(order)
-    return [{"messages": data[i]["messages"]} for i in order[start:stop]]
+    return sample_rows(study["source"], study["columns"], start, stop)
 
 
 def make_splits(name: str, root: Path, n_train: int, n_heldout: int) -> tuple[Path, Path]:
@@ -116,15 +104,6 @@ def make_splits(name: str, root: Path, n_train: int, n_heldout: int) -> tuple[Pa
     return train, heldout
 
 
-def random_split(dynamics: Path, out: Path, seed: int) -> Path:
-    """The same dynamics file with the split drawn at random (same sizes): the random-split ablation."""
-    rows = read_jsonl(dynamics)
-    labels = [r["split"] for r in rows]
-    random.Random(seed).shuffle(labels)
-    atomic_write_jsonl(out, ({**r, "split": s} for r, s in zip(rows, labels, strict=True)))
-    return out
-
-
 def run_study(args: argparse.Namespace) -> None:
     study = STUDIES[args.study]
     root = Path(args.root) / args.study
@@ -132,36 +111,9 @@ def run_study(args: argparse.Namespace) -> None:
     log = root / "study.log"
     train, heldout = make_splits(args.study, root, args.n_train, args.n_heldout)
     common = [
-        "--model_name_or_path",
-        args.model,
-        "--dataset_name",
-        str(train),
-        "--max_length",
-        str(args.max_length),
-        "--per_device_train_batch_size",
-        str(args.batch),
-        "--gradient_accumulation_steps",
-        str(args.grad_accum),
-        "--learning_rate",
-        str(args.lr),
-        "--weight_decay",
-        "0.1",
-        "--lr_scheduler_type",
-        "cosine",
-        "--warmup_steps",
-        "0.1",
-        "--gradient_checkpointing",
-        "false",
-        "--logging_steps",
-        "5",
-        "--save_strategy",
-        "steps",
-        "--save_steps",
-        "20",
-        "--save_total_limit",
-        "2",
-        "--report_to",
-        "tensorboard",
+        *training_flags(args),
+        *("--dataset_name", str(train)),
+        *("--save_strategy", "steps", "--save_steps", "20", "--save_total_limit", "2"),
     ]
 
     def dynamics(out: Path, reference: list[str]) -> Path:
@@ -354,25 +306,8 @@ def paired_comparison(root: Path, baseline: str = "ntp", resamples: int = 10_000
                 # [seeds, items] per field
                 a = {f: np.array([[items[k][f] for k in keys] for items in arm_items]) for f in fields}
                 b = {f: np.array([[items[k][f] for k in keys] for items in base_items]) for f in fields}
-                diff = float(
-                    stat({f: v.mean(0) for f, v in a.items()}) - stat({f: v.mean(0) for f, v in b.items()})
-                )
-                rng = np.random.default_rng(0)  # per metric and arm: the same draws whichever arms exist
-                boot = []
-                for start in range(0, resamples, 1000):
-                    size = min(1000, resamples - start)
-                    seed_idx = rng.integers(0, len(seeds), (size, len(seeds)))
-                    item_idx = rng.integers(0, len(keys), (size, len(keys)))
-
-                    boot.append(
-                        stat({f: _draw(v, seed_idx, item_idx) for f, v in a.items()})
-                        - stat({f: _draw(v, seed_idx, item_idx) for f, v in b.items()})
-                    )
-                low, high = np.percentile(np.concatenate(boot), [2.5, 97.5])
-                per_seed = ", ".join(
-                    f"s{seed}: {float(stat({f: v[i] for f, v in a.items()}) - stat({f: v[i] for f, v in b.items()})):+.4f}"
-                    for i, seed in enumerate(seeds)
-                )
+                diff, low, high, per_seed_diffs = paired_bootstrap(a, b, stat, resamples, chunk=1000)
+                per_seed = ", ".join(f"s{s}: {d:+.4f}" for s, d in zip(seeds, per_seed_diffs, strict=True))
                 lines.append(
                     f"| {task}/{metric} | {arm} | {','.join(map(str, seeds))} | {len(keys)} | {diff:+.4f} "
                     f"| [{low:+.4f}, {high:+.4f}] | {per_seed} |"
@@ -380,19 +315,12 @@ def paired_comparison(root: Path, baseline: str = "ntp", resamples: int = 10_000
     return lines
 
 
-def _draw(values: np.ndarray, seed_idx: np.ndarray, item_idx: np.ndarray) -> np.ndarray:
-    """Bootstrap resamples of ``values`` [seeds, items]: average the drawn seeds, then pick the drawn items."""
-    return np.take_along_axis(values[seed_idx].mean(1), item_idx, axis=1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--study", choices=[*sorted(STUDIES), "overfit"], default="alpaca")
-    parser.add_argument("--root", default="runs/efficacy")
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    add_training_arguments(parser)
     parser.add_argument(
         "--arms",
         nargs="+",
@@ -402,12 +330,7 @@ def main() -> None:
     )
     parser.add_argument("--n_train", type=int, default=1024)
     parser.add_argument("--n_heldout", type=int, default=200)
-    parser.add_argument("--max_length", type=int, default=256)
     parser.add_argument("--epochs", type=float, default=3)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--grad_accum", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=2e-5)
-    parser.add_argument("--num_checkpoints", type=int, default=3)
     parser.add_argument(
         "--limit",
         nargs="+",
@@ -435,15 +358,9 @@ def main() -> None:
         help="overfit: where every finished evaluation is kept and the report is written (<record>.md / .json)",
     )
     args = parser.parse_args()
-    if args.study == "overfit":
+    if args.study == "overfit":  # the same as `python benchmarks/overfit_study.py` with these options
         args.arms = args.arms or list(overfit_study.ARMS)
-        if args.report:
-            overfit_study.sync_record(Path(args.root) / "overfit", Path(args.record))
-            overfit_study.report_overfit(Path(args.record))
-        else:
-            overfit_study.run_overfit(args, sh, random_split)
-        if args.figure:
-            overfit_study.draw_figure(Path(args.record), Path(args.figure))
+        overfit_study.run(args)
         return
     args.arms = args.arms or ["ntp", "sftmix"]
     if "weak" in args.arms and not args.weak_reference and not args.report:

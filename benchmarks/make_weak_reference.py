@@ -45,7 +45,7 @@ def parse_block(text: str) -> tuple[int, int]:
 
 def prune(model_name: str, block: tuple[int, int], output: Path) -> None:
     """Save ``model_name`` without decoder layers ``block`` (and its tokenizer) to ``output``, atomically."""
-    from sftmix.models import load_model, load_tokenizer, resolve_model
+    from sftmix.data.models import load_model, load_tokenizer, resolve_model
 
     path = resolve_model(model_name)
     model, tokenizer = load_model(path, dtype=torch.float32), load_tokenizer(path)

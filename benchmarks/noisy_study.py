@@ -39,10 +39,10 @@ from pathlib import Path
 
 import numpy as np
 import overfit_study as overfit
-from efficacy_study import random_split, sh
+from study_common import SEEDS, add_training_arguments, random_split, sh, training_flags
 
 from sftmix.io_utils import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
-from sftmix.splits import UNCONFIDENT, split_agreement
+from sftmix.stage1.splits import UNCONFIDENT, split_agreement
 
 RECORD = Path(__file__).resolve().parent / "results" / "efficacy_noisy"
 N_BAD = 64
@@ -92,7 +92,7 @@ DETECTORS = {
 # ---- the data ------------------------------------------------------------------------------------------------
 def _chinese_responses() -> dict[str, str]:
     """The Chinese response of each Alpaca record, keyed by its English conversation (as sftmix renders it)."""
-    from sftmix.records import parse_columns, to_messages
+    from sftmix.data.records import parse_columns, to_messages
 
     columns = parse_columns(overfit.ALPACA[1])
     found = {}
@@ -108,8 +108,8 @@ def make_noisy_sets(root: Path, model: str) -> dict[str, Path]:
     """The overfit study's sets in ``root`` plus ``noisy_train.jsonl`` (64 of the 256 made bad, seed 0),
     ``clean_train.jsonl`` (the 192 left untouched) and ``noise.jsonl`` (index, id, original id and kind of each
     bad example; ids are sftmix's content ids, so they match every dynamics file)."""
-    from sftmix.models import load_tokenizer
-    from sftmix.records import example_id
+    from sftmix.data.models import load_tokenizer
+    from sftmix.data.records import example_id
 
     sets = overfit.make_sets(root)
     paths = {
@@ -162,13 +162,7 @@ def run_noisy(args: argparse.Namespace) -> None:
     sets = make_noisy_sets(root, args.model)
     if not (record / "noise.jsonl").exists():
         shutil.copyfile(sets["noise"], record / "noise.jsonl")
-    common = [
-        "--model_name_or_path", args.model, "--max_length", str(args.max_length),
-        "--per_device_train_batch_size", str(args.batch), "--gradient_accumulation_steps", str(args.grad_accum),
-        "--learning_rate", str(args.lr), "--weight_decay", "0.1", "--lr_scheduler_type", "cosine",
-        "--warmup_steps", "0.1", "--gradient_checkpointing", "false", "--logging_steps", "5",
-        "--report_to", "tensorboard",
-    ]  # fmt: skip
+    common = training_flags(args)
     noisy = ["--dataset_name", str(sets["noisy"])]
     for (
         scorer
@@ -351,7 +345,10 @@ def report_noisy(record: Path) -> None:
         + (" (MIXED: compare only runs of one precision)." if len(set(precisions.values())) > 1 else "."),
     ]
     missing = [
-        f"{a}-s{s}" for a in ORDER for s in (1, 2, 3) if not overfit._all_evaluated(loaded, f"{a}-s{s}")
+        f"{a}-s{s}"
+        for a in ORDER
+        for s in overfit.recorded_seeds(loaded, SEEDS)
+        if not overfit._all_evaluated(loaded, f"{a}-s{s}")
     ]
     lines += ["", f"Missing (arm-seed, not all 4 epochs evaluated): {', '.join(missing) or 'none'}."]
     text = "\n".join(lines) + "\n"
@@ -366,13 +363,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--root", default="runs/efficacy")
+    add_training_arguments(parser)
     parser.add_argument("--record", default=str(RECORD))
-    parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument(
         "--arms", nargs="+", choices=ORDER, default=["ntp", "sftmix", "random", "filter", "clean"]
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument(
         "--detect",
         nargs="*",
@@ -380,10 +375,6 @@ def main() -> None:
         default=["reference", "base"],
         help="stage-1 scorers to measure detection for before training (warmup and online train 2 epochs each)",
     )
-    parser.add_argument("--max_length", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--grad_accum", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--report", action="store_true", help="only write the report from the record")
     parser.add_argument("--figure", default=None, help="also draw the per-epoch figure to this file")
     args = parser.parse_args()

@@ -1,4 +1,10 @@
-"""``efficacy_study.py --study overfit``: many epochs on little data, where a regulariser should matter.
+"""The overfitting study: many epochs on little data, where a regulariser should matter.
+
+    python benchmarks/overfit_study.py --root runs/efficacy --figure docs/efficacy_overfit.png
+    python benchmarks/overfit_study.py --arms neftune --seeds 2   # one arm-seed at a time
+    python benchmarks/overfit_study.py --report                   # the report, from the record alone
+
+(``efficacy_study.py --study overfit`` runs the same.)
 
 256 Alpaca examples (``alpaca_52k_en_zh_parts``, English fields, outside both held-out sets), 8 epochs, the
 first study's optimiser settings otherwise. After epochs 1, 2, 4 and 8 every run is evaluated with
@@ -27,13 +33,23 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import random
 import shutil
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from study_common import (
+    SEEDS,
+    SHARED,
+    add_training_arguments,
+    random_split,
+    sample_rows,
+    sh,
+    training_flags,
+)
+from study_common import paired_bootstrap as _paired_bootstrap
 
 from sftmix.evaluation.calibration import ece_from_bins
 from sftmix.io_utils import (
@@ -43,9 +59,8 @@ from sftmix.io_utils import (
     atomic_write_text,
     read_jsonl,
 )
-from sftmix.splits import split_agreement
+from sftmix.stage1.splits import split_agreement
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 RECORD = Path(__file__).resolve().parent / "results" / "efficacy_overfit"
 ALPACA = (
     str(SHARED / "alpaca_52k_en_zh_parts"),
@@ -77,22 +92,12 @@ EVAL_SETS = ("indomain", "ood")
 METRICS = ("perplexity", "ece", "mean_confidence", "accuracy", "brier", "confidence_std")
 
 
-def _sample(source: tuple[str, str], start: int, stop: int) -> list[dict]:
-    from sftmix.data import load_sft_dataset
-    from sftmix.sftmix_config import DataArguments
-
-    data = load_sft_dataset(DataArguments(dataset_name=source[0], dataset_columns=source[1]))
-    order = list(range(len(data)))
-    random.Random(0).shuffle(order)
-    return [{"messages": data[i]["messages"]} for i in order[start:stop]]
-
-
 def make_sets(root: Path) -> dict[str, Path]:
     paths = {"train": root / "train.jsonl", "indomain": root / "heldout.jsonl", "ood": root / "ood.jsonl"}
     if all(p.exists() for p in paths.values()):
         return paths
-    rows = _sample(ALPACA, 0, N_TRAIN + N_INDOMAIN)
-    atomic_write_jsonl(paths["ood"], _sample(OOD, 0, N_OOD))
+    rows = sample_rows(*ALPACA, 0, N_TRAIN + N_INDOMAIN)
+    atomic_write_jsonl(paths["ood"], sample_rows(*OOD, 0, N_OOD))
     atomic_write_jsonl(paths["indomain"], rows[N_TRAIN:])
     atomic_write_jsonl(paths["train"], rows[:N_TRAIN])
     return paths
@@ -110,19 +115,14 @@ def _epoch_checkpoints(run: Path) -> dict[int, Path]:
     return found
 
 
-def run_overfit(args: argparse.Namespace, sh, random_split) -> None:
+def run_overfit(args: argparse.Namespace) -> None:
+    """Train and evaluate every arm-seed of ``args`` the record does not hold yet, reporting as results come."""
     root, record = Path(args.root) / "overfit", Path(args.record)
     root.mkdir(parents=True, exist_ok=True)
     log = root / "study.log"
     sync_record(root, record)
     sets = make_sets(root)
-    common = [
-        "--model_name_or_path", args.model, "--dataset_name", str(sets["train"]),
-        "--max_length", str(args.max_length), "--per_device_train_batch_size", str(args.batch),
-        "--gradient_accumulation_steps", str(args.grad_accum), "--learning_rate", str(args.lr),
-        "--weight_decay", "0.1", "--lr_scheduler_type", "cosine", "--warmup_steps", "0.1",
-        "--gradient_checkpointing", "false", "--logging_steps", "5", "--report_to", "tensorboard",
-    ]  # fmt: skip
+    common = [*training_flags(args), "--dataset_name", str(sets["train"])]
     arms = [arm for group in ORDER for arm in group if arm in args.arms]
     done = load_record(record)
     todo = [f"{a}-s{seed}" for a in arms for seed in args.seeds if not _all_evaluated(done, f"{a}-s{seed}")]
@@ -156,17 +156,18 @@ def run_overfit(args: argparse.Namespace, sh, random_split) -> None:
                             log,
                         )
                     evaluate_run(run, record, sets, sh, log, replace=trained_here)
-                    report_overfit(record)
+                    report_overfit(record, args.seeds)
                 for checkpoint in run.glob("checkpoint-*"):  # recorded: the final model is enough
                     shutil.rmtree(checkpoint)
-    report_overfit(record)
+    report_overfit(record, args.seeds)
 
 
 def evaluate_run(
     run: Path, record: Path, sets: dict[str, Path], sh, log: Path, replace: bool = False
 ) -> None:
     """Evaluate each epoch's model on each held-out set, recording each result as soon as it exists; with
-    ``replace``, also the evaluations the record already holds (they came from another training of the run)."""
+    ``replace``, also the evaluations the record already holds (they came from another training of the run).
+    ``sh`` runs the commands (`study_common.sh`; the noisy study passes its own)."""
     models, done = _epoch_checkpoints(run), {} if replace else load_record(record)
     weights = EVALUATED_WEIGHTS.get(run.name.rsplit("-s", 1)[0], "")
     for epoch in EVAL_EPOCHS:
@@ -265,6 +266,11 @@ def load_record(record: Path) -> Loaded:
     return loaded
 
 
+def recorded_seeds(loaded: Loaded, seeds: Sequence[int] = ()) -> list[int]:
+    """``seeds`` and every seed the record holds, sorted: the seeds a report covers."""
+    return sorted({*seeds, *(int(run.rsplit("-s", 1)[1]) for run, _, _ in loaded)})
+
+
 def _all_evaluated(loaded: Loaded, run: str) -> bool:
     """Every epoch and set recorded with its per-item fields (without them a run is redone: no intervals)."""
     return all(_has_items(loaded, run, e, s) for e in EVAL_EPOCHS for s in EVAL_SETS)
@@ -306,33 +312,11 @@ STATS = {
 def paired_bootstrap(
     a: list[dict], b: list[dict], stat, resamples: int = 10_000
 ) -> tuple[float, float, float, list[float]]:
-    """Arm minus baseline of ``stat`` on seed-averaged items, a 95% interval resampling seeds then items."""
+    """Arm minus baseline of ``stat`` on seed-averaged items (`study_common.paired_bootstrap`), from one
+    `_items` dict per seed of each arm."""
     fields = [k for k in a[0] if k != "ids"]
-    sa = {f: np.stack([x[f] for x in a]) for f in fields}  # [seeds, items, k]
-    sb = {f: np.stack([x[f] for x in b]) for f in fields}
-    diff = float(stat({f: v.mean(0) for f, v in sa.items()}) - stat({f: v.mean(0) for f, v in sb.items()}))
-    per_seed = [
-        float(stat({f: v[i] for f, v in sa.items()}) - stat({f: v[i] for f, v in sb.items()}))
-        for i in range(len(a))
-    ]
-    rng = np.random.default_rng(0)
-    seeds, items = len(a), sa["nll"].shape[1]
-    boot = []
-    for start in range(0, resamples, 500):
-        size = min(500, resamples - start)
-        seed_idx = rng.integers(0, seeds, (size, seeds))
-        item_idx = rng.integers(0, items, (size, items))
-        boot.append(
-            stat({f: _draw(v, seed_idx, item_idx) for f, v in sa.items()})
-            - stat({f: _draw(v, seed_idx, item_idx) for f, v in sb.items()})
-        )
-    low, high = np.percentile(np.concatenate(boot), [2.5, 97.5])
-    return diff, float(low), float(high), per_seed
-
-
-def _draw(values: np.ndarray, seed_idx: np.ndarray, item_idx: np.ndarray) -> np.ndarray:
-    """Resamples of ``values`` [seeds, items, k]: average the drawn seeds, then pick the drawn items."""
-    return np.take_along_axis(values[seed_idx].mean(1), item_idx[..., None], axis=1)
+    stacked = [{f: np.stack([x[f] for x in arm]) for f in fields} for arm in (a, b)]  # [seeds, items, k]
+    return _paired_bootstrap(*stacked, stat, resamples, chunk=500)
 
 
 def _band(values: list[float]) -> str:
@@ -341,8 +325,9 @@ def _band(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} [{min(values):.4f}, {max(values):.4f}]"
 
 
-def report_overfit(record: Path) -> None:
-    """Tables, comparisons and missing cells, from the record alone, to ``<record>.md`` / ``<record>.json``."""
+def report_overfit(record: Path, seeds: Sequence[int] = SEEDS) -> None:
+    """Tables, comparisons and missing cells, from the record alone, to ``<record>.md`` / ``<record>.json``;
+    an arm-seed is missing if ``seeds`` or the record has the seed and the record does not hold all of it."""
     loaded = load_record(record)
     table = _results(loaded)
     arms = [a for group in ORDER for a in group if any(a in table.get(m, {}) for m in table)]
@@ -370,7 +355,10 @@ def report_overfit(record: Path) -> None:
         + (" (MIXED: compare only runs of one precision)." if len(set(precisions.values())) > 1 else "."),
     ]
     missing = [
-        f"{arm}-s{seed}" for arm in ARMS for seed in (1, 2, 3) if not _all_evaluated(loaded, f"{arm}-s{seed}")
+        f"{arm}-s{seed}"
+        for arm in ARMS
+        for seed in recorded_seeds(loaded, seeds)
+        if not _all_evaluated(loaded, f"{arm}-s{seed}")
     ]
     lines += [
         "",
@@ -408,14 +396,13 @@ def _cheap_split_agreement(record: Path) -> list[str]:
         return []
     want = {r["id"]: r["confidence"] for r in read_jsonl(paper)}
     lines = []
-    for seed in (1, 2, 3):
+    for seed in recorded_seeds({(p.parent.name, 0, ""): {} for p in record.glob("cheap-s*/dynamics.jsonl")}):
         own = record / f"cheap-s{seed}" / "dynamics.jsonl"
-        if own.exists():
-            agree = split_agreement({r["id"]: r["confidence"] for r in read_jsonl(own)}, want)
-            lines.append(
-                f"- seed {seed}: {agree['same_half']:.1%} of {agree['n']} examples in the paper split's half "
-                f"(Spearman's rho of confidence {agree['spearman']:.3f})"
-            )
+        agree = split_agreement({r["id"]: r["confidence"] for r in read_jsonl(own)}, want)
+        lines.append(
+            f"- seed {seed}: {agree['same_half']:.1%} of {agree['n']} examples in the paper split's half "
+            f"(Spearman's rho of confidence {agree['spearman']:.3f})"
+        )
     if lines:
         lines = [
             "",
@@ -462,7 +449,7 @@ def _rows(loaded: Loaded, table: dict, pairs: list[tuple[str, str]], label: str)
         """Seeds where the arm and the base both have per-item fields at these epochs, on both sets."""
         return [
             seed
-            for seed in (1, 2, 3)
+            for seed in recorded_seeds(loaded)
             if all(
                 _has_items(loaded, f"{a}-s{seed}", e, name)
                 for a in (arm, base)
@@ -540,3 +527,37 @@ def draw_figure(
     tmp = output.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
     tmp.replace(output)
+
+
+def run(args: argparse.Namespace) -> None:
+    """The study as ``args`` asks: train and evaluate what is missing (or, with ``--report``, only record what
+    ``--root`` has finished), report, and draw the figure if asked."""
+    if args.report:
+        sync_record(Path(args.root) / "overfit", Path(args.record))
+        report_overfit(Path(args.record), args.seeds)
+    else:
+        run_overfit(args)
+    if args.figure:
+        draw_figure(Path(args.record), Path(args.figure))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_training_arguments(parser)
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument(
+        "--record",
+        default=str(RECORD),
+        help="where every finished evaluation is kept and the report is written (<record>.md / .json)",
+    )
+    parser.add_argument(
+        "--report", action="store_true", help="only record what --root has finished and write the report"
+    )
+    parser.add_argument("--figure", default=None, help="also draw the per-epoch figure to this file")
+    run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()

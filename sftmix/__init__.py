@@ -2,9 +2,9 @@
 
 >>> from sftmix import SFTMixConfig, SFTMixTrainer  # drop-in for trl.SFTConfig / trl.SFTTrainer
 
-The names of the public interface (README, "Python"), imported lazily so that ``sftmix --help`` stays fast:
-`SFTMixConfig`, `SFTMixTrainer`, `DynamicsCallback`, `confidence_scores`, `median_split`, `drop_unconfident`,
-`mixup_loss`.
+The names of the public interface (README.md, "Quick start from Python"), imported lazily so that
+``sftmix --help`` stays fast: `SFTMixConfig`, `SFTMixTrainer`, `DynamicsCallback`, `confidence_scores`,
+`median_split`, `drop_unconfident`, `mixup_loss`.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "SFTMixConfig": "sftmix_config",
     "SFTMixTrainer": "sftmix_trainer",
-    "DynamicsCallback": "online",
-    "confidence_scores": "splits",
-    "median_split": "splits",
-    "drop_unconfident": "splits",
-    "mixup_loss": "loss",
+    "DynamicsCallback": "stage1.online",
+    "confidence_scores": "stage1.splits",
+    "median_split": "stage1.splits",
+    "drop_unconfident": "stage1.splits",
+    "mixup_loss": "mixup.loss",
 }
 __all__ = [
     "DynamicsCallback",
@@ -34,11 +34,11 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .loss import mixup_loss
-    from .online import DynamicsCallback
+    from .mixup.loss import mixup_loss
     from .sftmix_config import SFTMixConfig
     from .sftmix_trainer import SFTMixTrainer
-    from .splits import confidence_scores, drop_unconfident, median_split
+    from .stage1.online import DynamicsCallback
+    from .stage1.splits import confidence_scores, drop_unconfident, median_split
 
 
 def __getattr__(name: str):

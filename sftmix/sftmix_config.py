@@ -243,12 +243,6 @@ class SFTMixConfig(SFTConfig):
                 "the run decide)"
             )
 
-    @property
-    def mixup_start_epoch(self) -> int:
-        """The 0-based epoch from which a split made by stage 1 applies: after the reference epochs (``warmup``),
-        after epoch 1 (``online``), at once otherwise. Plain NTP before it."""
-        return {"warmup": int(self.reference_epochs), "online": 1}.get(self.confidence_scorer, 0)
-
     def __post_init__(self) -> None:
         self._follow_the_launchers_precision()
         # On a CPU-only machine, train on the CPU (bf16 autocast if the CPU has native bf16, else fp32). use_cpu
@@ -288,12 +282,6 @@ class SFTMixConfig(SFTConfig):
             raise ValueError(f"bema_update_freq must be >= 1, got {self.bema_update_freq}")
         if self.num_checkpoints < 1:
             raise ValueError(f"num_checkpoints must be >= 1, got {self.num_checkpoints}")
-        if self.confidence_scorer == "warmup" and (
-            self.reference_epochs != int(self.reference_epochs) or self.reference_epochs < 1
-        ):
-            raise ValueError(
-                f"confidence_scorer='warmup' needs a whole number of reference_epochs >= 1, got {self.reference_epochs}"
-            )
 
 
 @dataclass

@@ -182,11 +182,12 @@ def test_overfit_study_continues_from_the_record_on_a_fresh_machine(tmp_path, mo
         return {name: root / f"{name}.jsonl" for name in ("train", "indomain", "ood")}
 
     monkeypatch.setattr(overfit_study, "make_sets", make_sets)
+    monkeypatch.setattr(overfit_study, "sh", sh)
     args = efficacy_study.argparse.Namespace(
         root=str(tmp_path / "runs"), record=str(tmp_path / "record"), arms=["ntp", "sftmix"], seeds=[1],
         model="m", max_length=64, batch=2, grad_accum=1, lr=1e-5, num_checkpoints=2,
     )  # fmt: skip
-    overfit_study.run_overfit(args, sh, efficacy_study.random_split)
+    overfit_study.run_overfit(args)
     assert [c[1] for c in commands] == ["dynamics", "train", *["eval"] * 8, "train", *["eval"] * 8]
     assert len(list((tmp_path / "record").glob("*/*.npz"))) == 16
     assert not list((tmp_path / "runs").glob("*/checkpoint-*"))  # recorded: checkpoints deleted
@@ -194,7 +195,7 @@ def test_overfit_study_continues_from_the_record_on_a_fresh_machine(tmp_path, mo
     shutil.rmtree(tmp_path / "runs")  # a fresh machine with the committed record
     (tmp_path / "record.md").unlink()
     commands.clear()
-    overfit_study.run_overfit(args, sh, efficacy_study.random_split)
+    overfit_study.run_overfit(args)
     assert commands == []
     assert (tmp_path / "record.md").exists()  # reported though nothing was left to do
 
@@ -204,7 +205,7 @@ def test_overfit_study_continues_from_the_record_on_a_fresh_machine(tmp_path, mo
     run = tmp_path / "record" / "sftmix-s1"
     (run / "e8-ood.npz").unlink()
     np.savez_compressed(run / "e1-indomain.npz", metrics=np.zeros(len(overfit_study.METRICS)))
-    overfit_study.run_overfit(args, sh, efficacy_study.random_split)
+    overfit_study.run_overfit(args)
     train, *evaluations = commands
     assert train[1] == "train" and train[train.index("--output_dir") + 1].endswith("sftmix-s1")
     assert train[train.index("--dynamics_path") + 1] == str(tmp_path / "record" / "dynamics.jsonl")

@@ -1,4 +1,4 @@
-"""sftmix.cli: subcommands, --config + overrides onto the dataclasses, one-line errors that write nothing."""
+"""sftmix.cli.commands: subcommands, --config + overrides onto the dataclasses, one-line errors that write nothing."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import ASSETS, SHARED_DATA
 
-from sftmix.cli import COMMANDS, main, parse_config
+from sftmix.cli.commands import COMMANDS, main, parse_config
 from sftmix.errors import SFTMixError
 from sftmix.sftmix_config import DEFAULT_MODEL
 

@@ -1,4 +1,4 @@
-"""sftmix.data: formats, stable ids, assistant-only labels, truncation, and one-line errors on bad input."""
+"""sftmix.data.dataset: formats, stable ids, assistant-only labels, truncation, and one-line errors on bad input."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 import pytest
 from conftest import ASSETS, SHARED_DATA
 
-from sftmix.data import (
+from sftmix.data.dataset import (
     example_id,
     load_sft_dataset,
     prepare_sft_dataset,

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from sftmix.datamap import draw_datamap
 from sftmix.errors import SFTMixError
 from sftmix.io_utils import atomic_write_jsonl
-from sftmix.splits import confidence_scores, median_split, variability_scores
+from sftmix.stage1.datamap import draw_datamap
+from sftmix.stage1.splits import confidence_scores, median_split, variability_scores
 
 
 def _write_dynamics(path, n=200, c=3, seed=0, heavy_tail=False):

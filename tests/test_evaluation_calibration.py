@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sftmix.data import load_sft_dataset, tokenize_sft_dataset
+from sftmix.data.dataset import load_sft_dataset, tokenize_sft_dataset
 from sftmix.evaluation import run_eval
 from sftmix.evaluation.calibration import (
     TokenScores,

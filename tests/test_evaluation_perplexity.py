@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from sftmix.data import load_sft_dataset, tokenize_sft_dataset
+from sftmix.data.dataset import load_sft_dataset, tokenize_sft_dataset
 from sftmix.evaluation.perplexity import evaluate_perplexity, response_nll
 from sftmix.sftmix_config import DataArguments
 

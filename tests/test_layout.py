@@ -1,8 +1,9 @@
-"""The package's layout: no import circle, no import back up the layers, the public names resolve.
+"""The package's layout: the stages as folders, no import circle, no import back up the layers.
 
-Every import between modules of ``sftmix`` (top-level and inside functions) must go to a module earlier in
-`LAYERS`, the order in which the README's stage table reads: data, stage-1 scoring, the split file,
-pairing, the loss, the trainer, stage 1's driver, evaluation, the drivers and the CLI.
+`LAYERS` is the order of the package's top-level entries (folders and the few shared modules), the order in
+which the method runs: shared utilities and the config, the data, stage 1 (scoring and the split), Mixup
+(pairing and the loss), the trainer, evaluation, the commands. A module may import any module of a layer below
+its own, and modules of its own layer as long as that makes no circle; the root's lazy exports are exempt.
 """
 
 from __future__ import annotations
@@ -14,14 +15,11 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).parents[1] / "sftmix"
-README = Path(__file__).parents[1] / "README.md"
+ROOT = Path(__file__).parents[1]
+PACKAGE = ROOT / "sftmix"
 LAYERS = [
-    "errors", "io_utils", "run_lock", "distributed", "sftmix_config", "selection", "records", "data", "models", "head", "scoring",
-    "splits", "datamap", "pairing", "loss", "scorers", "online", "reference", "stage1", "sftmix_trainer", "dynamics", "bema",
-    "evaluation.compare", "evaluation.tasks", "evaluation.multiple_choice", "evaluation.calibration",
-    "evaluation.perplexity", "evaluation.ifeval", "evaluation.generation", "evaluation.judge",
-    "evaluation.alpaca_judge", "evaluation.runner", "evaluation", "pipeline", "plan", "demo", "cli", "",
+    "errors", "io_utils", "run_lock", "distributed", "sftmix_config", "head",  # shared: errors, files, config
+    "data", "stage1", "mixup", "sftmix_trainer", "bema", "evaluation", "cli",
 ]  # fmt: skip
 
 
@@ -30,6 +28,10 @@ def _module_name(path: Path) -> str:
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)
+
+
+def _layer(module: str) -> int:
+    return LAYERS.index(module.split(".")[0])
 
 
 def _imports(path: Path) -> set[str]:
@@ -57,32 +59,49 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
-def test_every_module_is_placed_in_a_layer():
-    modules = {_module_name(p) for p in PACKAGE.rglob("*.py")}
-    assert modules == set(LAYERS), (modules - set(LAYERS), set(LAYERS) - modules)
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
-@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: _module_name(p) or "__init__")
-def test_imports_only_go_down_the_layers(path):
-    name = _module_name(path)
-    if name == "":  # the root's lazy exports re-export names of every layer
-        return
-    upward = sorted(m for m in _imports(path) if LAYERS.index(m) >= LAYERS.index(name))
-    assert not upward, f"sftmix.{name} imports {upward}, which are not below it"
+def test_every_top_level_entry_is_a_layer():
+    entries = {
+        p.stem for p in PACKAGE.iterdir() if p.name != "__init__.py" and (p.suffix == ".py" or p.is_dir())
+    }
+    entries.discard("__pycache__")
+    assert entries == set(LAYERS), (entries - set(LAYERS), set(LAYERS) - entries)
 
 
-def test_no_module_is_over_the_size_limits():
-    sizes = {_module_name(p): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
-    assert sizes["sftmix_trainer"] <= 350
-    assert max(sizes.values()) <= 460, max(sizes, key=sizes.get)
+@pytest.mark.parametrize("name", [m for m in MODULES if m], ids=str)
+def test_imports_only_go_down_the_layers(name):
+    upward = sorted(m for m in _imports(MODULES[name]) if m and _layer(m) > _layer(name))
+    assert not upward, f"sftmix.{name} imports {upward}, which are above it"
 
 
-def test_public_names_and_the_readme_imports_resolve():
+def test_no_import_circle():
+    graph = {name: {m for m in _imports(path) if m} for name, path in MODULES.items() if name}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, set())):
+            assert state.get(nxt) != 1, f"import circle: {' -> '.join([*path, node, nxt])}"
+            if nxt not in state:
+                visit(nxt, [*path, node])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+
+
+def test_public_names_and_the_docs_imports_resolve():
     import sftmix
 
     for name in sftmix.__all__:
         assert getattr(sftmix, name) is not None
-    imports = re.findall(r"^from (sftmix[\w.]*) import ([\w, ]+)$", README.read_text(), flags=re.M)
+    texts = [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+    imports = [
+        i for t in texts for i in re.findall(r"^from (sftmix[\w.]*) import ([\w, ]+)$", t.read_text(), re.M)
+    ]
     assert imports
     for module, names in imports:
         for name in names.split(","):

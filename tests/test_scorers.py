@@ -1,4 +1,4 @@
-"""sftmix.scorers / sftmix.stage1: the five confidence scorers from Python, and DynamicsCallback on plain TRL and on
+"""sftmix.stage1.files / sftmix.stage1.scorers: the five confidence scorers from Python, and DynamicsCallback on plain TRL and on
 SFTMixTrainer.
 
 The kill -9 tests of every scorer's stage 1 through ``sftmix run`` are in test_resume.py.
@@ -16,12 +16,12 @@ from trl import SFTConfig, SFTTrainer
 
 from sftmix import DynamicsCallback, SFTMixConfig, SFTMixTrainer
 from sftmix.cli import main
-from sftmix.data import content_id
+from sftmix.data.dataset import content_id
 from sftmix.io_utils import read_jsonl
-from sftmix.online import progress_corrected_confidence
-from sftmix.reference import _reference_args
-from sftmix.scorers import random_confidence
-from sftmix.splits import median_split
+from sftmix.stage1.online import progress_corrected_confidence
+from sftmix.stage1.reference import _reference_args
+from sftmix.stage1.scorers import random_confidence
+from sftmix.stage1.splits import median_split
 
 COMMON = dict(
     learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none", seed=0, bf16=False, use_cpu=True,
@@ -212,7 +212,7 @@ def test_random_confidence_is_seeded_and_order_free():
 
 def test_scoring_uses_the_trainers_labels(tmp_path, tiny_llama_dir, tokenizer):
     """Stage 1 scores the tokens training trains on: the completion only, unless completion_only_loss=False."""
-    from sftmix.scorers import with_training_labels
+    from sftmix.stage1.scoring import with_training_labels
 
     data = Dataset.from_list(_rows("prompt_completion"))
     counts = {}
@@ -241,7 +241,7 @@ def test_scorers_with_a_lora_target(scorer, tmp_path, tiny_llama_dir, tokenizer)
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     )  # fmt: skip
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    from sftmix.stage1 import prepare_stage1
+    from sftmix.stage1.scorers import prepare_stage1
 
     prepare_stage1(trainer)
     assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
@@ -257,3 +257,34 @@ def test_reference_run_is_plain_ntp(tmp_path):
     ref = _reference_args(target, tmp_path / "ref", 2.0)
     assert (ref.mixup_weight, ref.label_smoothing_factor, ref.num_train_epochs) == (0.0, 0.0, 2.0)
     assert ref.learning_rate == 3e-5 and ref.output_dir == str(tmp_path / "ref")
+
+
+def test_the_registry_holds_every_scorer_with_its_start_cost_and_checks():
+    from sftmix.errors import SFTMixError
+    from sftmix.sftmix_config import CONFIDENCE_SCORERS, SFTMixConfig
+    from sftmix.stage1.scorers import CHECKPOINTS, SCORERS, mixup_start_epoch, scorer_for, stage1_cost
+
+    assert tuple(SCORERS) == CONFIDENCE_SCORERS
+    args = {
+        name: SFTMixConfig(output_dir="x", confidence_scorer=name, reference_epochs=2) for name in SCORERS
+    }
+    assert {n: mixup_start_epoch(a) for n, a in args.items()} == {
+        "reference": 0,
+        "warmup": 2,
+        "online": 1,
+        "base": 0,
+        "random": 0,
+    }
+    assert {n: round(stage1_cost(a), 2) for n, a in args.items()} == {
+        "reference": 2.6,
+        "warmup": 0.6,
+        "online": 0.0,
+        "base": 0.2,
+        "random": 0.0,
+    }
+    assert [n for n, s in SCORERS.items() if s.inside_training] == ["warmup", "online"]
+    assert scorer_for(SFTMixConfig(output_dir="x", score_checkpoints="a,b")) is CHECKPOINTS
+    with pytest.raises(SFTMixError, match="whole number of reference_epochs"):
+        mixup_start_epoch(SFTMixConfig(output_dir="x", confidence_scorer="warmup", reference_epochs=1.5))
+    with pytest.raises(SFTMixError, match="makes the split while the target trains"):
+        SCORERS["online"].check_runs_before_training()

@@ -8,9 +8,9 @@ import json
 import pytest
 from datasets import Dataset
 
-import sftmix.selection as selection
+import sftmix.data.selection as selection
+from sftmix.data.selection import apply_selection, response_lengths
 from sftmix.errors import SFTMixError
-from sftmix.selection import apply_selection, response_lengths
 
 
 def _dataset(responses: list[str | list[str]]) -> Dataset:
@@ -112,7 +112,7 @@ def _dynamics(path, confidences: dict[str, float]):
 
 @pytest.mark.parametrize("fraction, kept", [(0.25, ["id0", "id2", "id3"]), (0.5, ["id0", "id2"])])
 def test_drop_unconfident_drops_the_least_confident_and_keeps_order(tmp_path, fraction, kept):
-    from sftmix.splits import drop_unconfident
+    from sftmix.stage1.splits import drop_unconfident
 
     ds = _dataset(["a", "b", "c", "d"])
     path = _dynamics(
@@ -122,14 +122,14 @@ def test_drop_unconfident_drops_the_least_confident_and_keeps_order(tmp_path, fr
 
 
 def test_drop_unconfident_ties_drop_the_later_example(tmp_path):
-    from sftmix.splits import drop_unconfident
+    from sftmix.stage1.splits import drop_unconfident
 
     path = _dynamics(tmp_path / "d.jsonl", {"id0": -2.0, "id1": -2.0, "id2": -2.0, "id3": -1.0})
     assert list(drop_unconfident(_dataset(["a"] * 4), 0.5, path)["id"]) == ["id0", "id3"]
 
 
 def test_drop_unconfident_with_other_data_is_one_line(tmp_path):
-    from sftmix.splits import drop_unconfident
+    from sftmix.stage1.splits import drop_unconfident
 
     ds = _dataset(["a", "b"])
     with pytest.raises(SFTMixError, match="is for another dataset"):
@@ -152,7 +152,7 @@ def test_bad_drop_unconfident_specs(spec):
 
 def test_stage1_resplits_what_the_drop_keeps(tmp_path):
     """With Mixup after a drop, the halves are the kept examples' own median split, not the file's."""
-    from sftmix.splits import read_dynamics_splits
+    from sftmix.stage1.splits import read_dynamics_splits
 
     path = _dynamics(tmp_path / "d.jsonl", {"id0": -1.0, "id1": -9.0, "id2": -0.5, "id3": -3.0})
     assert read_dynamics_splits(path, among=["id0", "id2", "id3"]) == {

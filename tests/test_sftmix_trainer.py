@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from trl import SFTConfig, SFTTrainer
 
 from sftmix import SFTMixConfig, SFTMixTrainer
 from sftmix.errors import SFTMixError
-from sftmix.loss import mix_hidden_states, mixup_loss
+from sftmix.mixup.loss import mix_hidden_states, mixup_loss
 
 COMMON = dict(
     learning_rate=1e-3,
@@ -328,8 +329,8 @@ def test_train_entry_point_resumes_to_the_same_result(tmp_path, tiny_llama_dir, 
     from safetensors.torch import load_file
     from trl import ModelConfig
 
-    import sftmix.splits
-    from sftmix.pipeline import train
+    import sftmix.stage1.splits
+    from sftmix.cli.pipeline import train
     from sftmix.sftmix_config import DataArguments
 
     rows = [
@@ -339,7 +340,7 @@ def test_train_entry_point_resumes_to_the_same_result(tmp_path, tiny_llama_dir, 
     ]  # fmt: skip
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    from sftmix.data import load_sft_dataset
+    from sftmix.data.dataset import load_sft_dataset
 
     dynamics = write_dynamics(
         tmp_path / "dynamics.jsonl", load_sft_dataset(DataArguments(dataset_name=str(data)))
@@ -355,9 +356,9 @@ def test_train_entry_point_resumes_to_the_same_result(tmp_path, tiny_llama_dir, 
         )
 
     reads = []
-    real_iter_jsonl = sftmix.splits.iter_jsonl
+    real_iter_jsonl = sftmix.stage1.splits.iter_jsonl
     monkeypatch.setattr(
-        sftmix.splits, "iter_jsonl", lambda path, *a: reads.append(path) or real_iter_jsonl(path, *a)
+        sftmix.stage1.splits, "iter_jsonl", lambda path, *a: reads.append(path) or real_iter_jsonl(path, *a)
     )
     straight = run(tmp_path / "straight", 4)
     assert reads == [dynamics]  # parsed once: train() hands it to the trainer and its sampler
@@ -372,6 +373,36 @@ def test_train_entry_point_resumes_to_the_same_result(tmp_path, tiny_llama_dir, 
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
     assert run(crashed, 4) == resumed  # finished: returns at once
+    card = (Path(resumed) / "README.md").read_text()  # final/ carries the model card
+    assert "SFTMix" in card and "2410.05248" in card and "`mixup_weight` (mu) 0.2" in card
+
+
+def test_the_model_card_names_sftmix_the_paper_the_base_model_and_the_split(
+    tmp_path, tiny_llama_dir, tokenizer, dataset, dynamics
+):
+    (Path(dynamics).parent / "datamap.png").write_bytes(b"png")
+    (Path(dynamics).parent / "dynamics_summary.json").write_text(json.dumps({"scorer": "reference"}))
+    trainer = SFTMixTrainer(
+        model=tiny_llama_dir,
+        args=mixup_args(tmp_path, dynamics),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    # the built-in default as loaded: its converted copy in the cache, named after the GGUF file
+    trainer.model.config._name_or_path = "/cache/models/SmolLM2-135M-Instruct.Q4_1-0123456789abcdef"
+    final = tmp_path / "final"
+    final.mkdir()
+    trainer.save_model_card(final)
+    card = (final / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "[None]" not in card
+    assert "trained with SFTMix, a method introduced in [SFTMix: Elevating" in card
+    assert "@inproceedings{xiao2026sftmix" in card
+    assert "`mixup_weight` (mu) 0.2" in card and "`mixup_alpha` 0.5" in card
+    assert "made by stage 1's `reference` scorer" in card and "6 confident and 6 unconfident examples" in card
+    assert "![SFTMix data map](datamap.png)" in card and (final / "datamap.png").read_bytes() == b"png"
+    assert card.index("## SFTMix") < card.index("## Citations")
+    outside = (tmp_path / "out" / "README.md").read_text()  # output_dir's card links the data map where it is
+    assert "![SFTMix data map](../datamap.png)" in outside
 
 
 def test_same_seed_same_loss_curve(tmp_path, tiny_llama_dir, tokenizer, dataset, dynamics):
@@ -424,7 +455,7 @@ def test_drop_in_on_a_plain_trl_dataset_without_ids(tmp_path, tiny_llama_dir, to
     """A TRL dataset as users have it (no id column): ids come from the content, as the CLI computes them."""
     from datasets import Dataset
 
-    from sftmix.data import load_sft_dataset
+    from sftmix.data.dataset import load_sft_dataset
     from sftmix.sftmix_config import DataArguments
 
     pairs = [(f"question {i} " * (1 + i % 3), f"answer number {i}" + "!" * (i % 4)) for i in range(8)]
@@ -481,7 +512,7 @@ def test_neftune_with_mixup(tmp_path, tiny_llama_dir, tokenizer, dataset, dynami
 def test_torch_compile_with_mixup(tmp_path, tiny_llama_dir, tokenizer, dataset, dynamics):
     """``torch_compile``: dynamo traces the model with the fused Mixup head inside its forward, and the losses are
     those of the eager run. AOTAutograd's ``aot_eager`` backend traces forward and backward as inductor does, without
-    the C++ code generation that makes inductor slow to start (README: inductor's step time on SmolLM2)."""
+    the C++ code generation that makes inductor slow to start (docs/results.md: inductor's step time on SmolLM2)."""
     import torch._dynamo
 
     runs = {}

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from ..data import IGNORE_INDEX
-from ..scoring import LMHead, length_grouped_batches
+from ..data.dataset import IGNORE_INDEX
+from ..stage1.scoring import LMHead, length_grouped_batches
 
 NUM_BINS = 15
 CALIBRATION_KEYS = ("ece", "mean_confidence", "accuracy", "brier", "confidence_std")

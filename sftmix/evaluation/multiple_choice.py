@@ -75,7 +75,7 @@ def loglikelihood(
     Args:
         model: A causal LM (any ``AutoModelForCausalLM``; its forward must take ``position_ids`` and
             ``logits_to_keep``, as every transformers causal LM does).
-        tokenizer: Its tokenizer (needs a pad token; `sftmix.models.load_tokenizer` sets one).
+        tokenizer: Its tokenizer (needs a pad token; `sftmix.data.models.load_tokenizer` sets one).
         requests: ``(context, continuation)`` strings.
         batch_size: Model inputs (rows) per forward pass.
         max_length: Longest input; longer ones lose their oldest tokens (lm-eval truncates on the left).

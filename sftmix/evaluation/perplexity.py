@@ -1,6 +1,6 @@
 """Held-out response perplexity on any SFT file: the quantity stage 1 of SFTMix measures, on new data.
 
-The file is read and tokenised exactly as for training (`sftmix.data.load_sft_dataset` and
+The file is read and tokenised exactly as for training (`sftmix.data.dataset.load_sft_dataset` and
 `tokenize_sft_dataset`), so only assistant tokens count. Two figures are reported:
 
 - ``perplexity``: token-weighted, ``exp(sum of response-token NLL / number of response tokens)`` over the set;
@@ -17,9 +17,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..data import load_sft_dataset, tokenize_sft_dataset
-from ..scoring import LMHead, length_grouped_batches, response_nll_sums
+from ..data.dataset import load_sft_dataset, tokenize_sft_dataset
 from ..sftmix_config import DataArguments
+from ..stage1.scoring import LMHead, length_grouped_batches, response_nll_sums
 from .calibration import calibration_metrics, example_calibration_rows, response_token_scores
 
 
@@ -32,7 +32,7 @@ def response_nll(
 ) -> list[tuple[float, int]]:
     """Summed NLL of the response tokens of each example, and how many there are.
 
-    The scoring of stage 1 (`sftmix.scoring.response_nll_sums`): the LM head runs on response positions
+    The scoring of stage 1 (`sftmix.stage1.scoring.response_nll_sums`): the LM head runs on response positions
     only, through the fused head, so no ``[batch, positions, vocab]`` logits are built.
 
     Args:

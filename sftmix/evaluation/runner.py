@@ -194,7 +194,7 @@ def _strict(value: Any) -> Any:
 
 def evaluate_model(args: EvalArguments, model_name: str, model_id: str, output_dir: Path) -> Results:
     """Load ``model_name``, run the task, write ``eval.json``/``eval.md``/``predictions.jsonl``; return results."""
-    from ..models import load_model, load_tokenizer
+    from ..data.models import load_model, load_tokenizer
 
     dtype = resolve_dtype(args.dtype)
     started = time.perf_counter()

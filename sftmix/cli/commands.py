@@ -17,9 +17,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import SFTMixError
-from .io_utils import stop_cleanly_on_full_disk
-from .run_lock import output_dir_lock
+from ..errors import SFTMixError
+from ..io_utils import stop_cleanly_on_full_disk
+from ..run_lock import output_dir_lock
 
 logger = logging.getLogger("sftmix")
 
@@ -43,7 +43,7 @@ class _Parser(argparse.ArgumentParser):
 def _dataclasses_for(command: str) -> list[type]:
     from trl import ModelConfig
 
-    from .sftmix_config import DataArguments, EvalArguments, SFTMixConfig
+    from ..sftmix_config import DataArguments, EvalArguments, SFTMixConfig
 
     return {
         "dynamics": [DataArguments, ModelConfig, SFTMixConfig],
@@ -93,7 +93,7 @@ def parse_config(command: str, argv: Sequence[str], defaults: dict[str, Any] | N
     known, rest = pre.parse_known_args(argv)
     values = dict(defaults or {})
     if command != "eval":
-        from .sftmix_config import DEFAULT_MODEL
+        from ..sftmix_config import DEFAULT_MODEL
 
         values.setdefault("model_name_or_path", DEFAULT_MODEL)
         # TensorBoard logs in <output_dir>/runs unless the user says otherwise
@@ -183,7 +183,7 @@ def _dry_run(command: str, argv: Sequence[str]) -> None:
 
 def _cmd_eval(argv: Sequence[str]) -> None:
     (eval_args,) = parse_config("eval", argv)
-    from .evaluation import run_eval
+    from ..evaluation import run_eval
 
     run_eval(eval_args)
 
@@ -194,7 +194,7 @@ def _cmd_datamap(argv: Sequence[str]) -> None:
     parser.add_argument("--output", required=True, help="The picture to write (.png, .pdf, .svg).")
     parser.add_argument("--title", default=None, help="Title of the picture.")
     args = parser.parse_args(argv)
-    from .datamap import draw_datamap
+    from ..stage1.datamap import draw_datamap
 
     print(draw_datamap(args.dynamics_path, args.output, title=args.title))
 

@@ -25,9 +25,9 @@ import numpy as np
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from .errors import SFTMixError
+from ..errors import SFTMixError
+from ..sftmix_config import DATASET_FORMATS, DataArguments
 from .records import detect_format, example_id, iter_records, parse_columns, to_messages, with_field_names
-from .sftmix_config import DATASET_FORMATS, DataArguments
 
 logger = logging.getLogger(__name__)
 

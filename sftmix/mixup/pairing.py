@@ -1,7 +1,7 @@
 """Stage 3's batches: balanced confident/unconfident pairs, and each row's role.
 
 SFTMix mixes every confident example with an unconfident one, so every micro-batch must hold B/2 confident and
-B/2 unconfident examples, paired one-to-one at random. The split itself comes from `sftmix.splits.load_split`
+B/2 unconfident examples, paired one-to-one at random. The split itself comes from `sftmix.stage1.splits.load_split`
 (True for the confident examples, in dataset order). The pieces:
 - `BalancedPairSampler` yields dataset indices as interleaved pairs ``c0, u0, c1, u1, ...``: every run of B
   consecutive indices starting at a multiple of B (a micro-batch) is balanced, and its k-th confident row is
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from .errors import SFTMixError
+from ..errors import SFTMixError
 
 ROLE_CONFIDENT, ROLE_UNCONFIDENT, ROLE_UNKNOWN = 1, 0, -1
 

@@ -8,21 +8,22 @@ vocab]`` tensor is ever built. `sftmix.evaluation.perplexity` scores held-out fi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, is_peft_model
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from trl.trainer.utils import maybe_gather_lm_head_ctx, pad
 
-from .data import IGNORE_INDEX
-from .errors import SFTMixError
-from .head import fused_linear_cross_entropy, lm_head_parameters, lm_head_transform
+from ..data.dataset import IGNORE_INDEX
+from ..errors import SFTMixError
+from ..head import fused_linear_cross_entropy, lm_head_parameters, lm_head_transform
 
 
 def length_grouped_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -138,7 +139,7 @@ def score_checkpoint(
         model: A causal LM (``get_output_embeddings`` and ``base_model`` with a ``last_hidden_state``).
             Put it on the device to score on first; it is used in eval mode and left as it was.
         dataset: Rows with ``input_ids`` and unshifted ``labels`` (``-100`` where no loss), as made by
-            `sftmix.data.tokenize_sft_dataset`.
+            `sftmix.data.dataset.tokenize_sft_dataset`.
         batch_size: Examples per no-grad forward. Batches are grouped by length (longest first) and padded
             only to their own longest row.
         chunk_size: Loss positions per LM-head chunk: bounds the float32 ``[chunk, vocab]`` logits buffer.
@@ -180,3 +181,47 @@ def score_checkpoint(
     for index, value in results:
         perplexities[index] = value
     return perplexities
+
+
+def unwrap_for_scoring(model: torch.nn.Module) -> torch.nn.Module:
+    """The causal LM to score: the PEFT model's base (its adapters stay active), else the model itself."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def with_training_labels(dataset: Dataset, collator: Callable[[list[dict]], dict]) -> Dataset:
+    """``input_ids`` and unshifted ``labels`` of each example exactly as the trainer's collator makes them, so that
+    scoring counts the tokens training counts (TRL's ``completion_mask`` / ``assistant_masks``, or sftmix's labels)."""
+    columns = [c for c in dataset.column_names if c != "id"]
+    input_ids, labels = [], []
+    for row in dataset.select_columns(columns):
+        batch = collator([row])
+        input_ids.append(
+            batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+            if "attention_mask" in batch
+            else batch["input_ids"][0].tolist()
+        )
+        labels.append(batch["labels"][0][: len(input_ids[-1])].tolist())
+    return Dataset.from_dict({"input_ids": input_ids, "labels": labels})
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """How a scoring pass runs (`score_checkpoint`'s settings), as the run's config sets them."""
+
+    batch_size: int = 16
+    chunk_size: int = 1024
+    bf16: bool = False
+
+    @classmethod
+    def of(cls, args: Any) -> ScoringSettings:
+        """From an `SFTMixConfig` (or any config with ``scoring_batch_size``; head chunk and bf16 if it has them)."""
+        return cls(
+            args.scoring_batch_size,
+            getattr(args, "head_chunk_size", 1024),
+            bool(getattr(args, "bf16", False)),
+        )
+
+    def score(self, model: PreTrainedModel, dataset: Dataset, desc: str) -> np.ndarray:
+        return score_checkpoint(
+            model, dataset, self.batch_size, chunk_size=self.chunk_size, bf16=self.bf16, desc=desc
+        )

@@ -11,7 +11,7 @@ sums of the label masks, no Python loop over tokens), `mix_hidden_states` builds
 targets, `sample_lambdas` draws ``lam ~ Beta(alpha, alpha)``. `sftmix_head_loss` is the loss that trains: the
 NTP rows and the mixed rows of a micro-batch through ONE call of the fused head of `sftmix.head`, and
 `add_sftmix_head` puts it inside the model's forward (so DDP, FSDP and ZeRO-3 see it). `mixup_loss` is the
-plain reference formula (the README's "The method"), with any head: the tests check the fused loss against it.
+plain reference formula (docs/method.md), with any head: the tests check the fused loss against it.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from .data import IGNORE_INDEX
-from .head import fused_linear_cross_entropy, lm_head_parameters, lm_head_transform
+from ..data.dataset import IGNORE_INDEX
+from ..head import fused_linear_cross_entropy, lm_head_parameters, lm_head_transform
 from .pairing import pair_rows
 
 
@@ -147,7 +147,7 @@ def mixup_loss(
     head: Callable[[torch.Tensor], torch.Tensor],
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """SFTMix's Mixup loss of P confident/unconfident pairs (the README's "The method"; the package exports it).
+    """SFTMix's Mixup loss of P confident/unconfident pairs (docs/method.md; the package exports it).
 
     Args:
         hidden_c: ``[P, T, H]`` last-layer hidden states (after the final norm) of the confident member of each
@@ -356,4 +356,6 @@ def add_sftmix_head(model: PreTrainedModel) -> None:
             )
 
     model.forward = types.MethodType(_sftmix_forward, model)
-    model._sftmix_head = True  # `sftmix.scoring` scores through this forward (FSDP2 unshards inside it)
+    model._sftmix_head = (
+        True  # `sftmix.stage1.scoring` scores through this forward (FSDP2 unshards inside it)
+    )

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 
-from .errors import SFTMixError
-from .io_utils import atomic_write_jsonl, iter_jsonl
+from ..errors import SFTMixError
+from ..io_utils import atomic_write_jsonl, iter_jsonl
 
 CONFIDENT, UNCONFIDENT = "confident", "unconfident"
 SPLITS = (CONFIDENT, UNCONFIDENT)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io_utils import atomic_write_bytes
+from ..io_utils import atomic_write_bytes
 from .splits import CONFIDENT, UNCONFIDENT, read_dynamics
 
 MAX_POINTS = 100_000
@@ -31,7 +31,7 @@ def draw_datamap(dynamics_path: str | Path, output_path: str | Path, title: str 
     """Draw the data map of a ``dynamics.jsonl`` to a PNG file; return its path.
 
     Args:
-        dynamics_path: A ``dynamics.jsonl`` written by `sftmix.dynamics.run_dynamics` (read with `sftmix.splits.read_dynamics`) (fields ``confidence``,
+        dynamics_path: A ``dynamics.jsonl`` written by `sftmix.cli.dynamics.run_dynamics` (read with `sftmix.stage1.splits.read_dynamics`) (fields ``confidence``,
             ``split``, ``perplexities`` and, if present, ``variability``).
         output_path: The PNG to write (atomically; parent directories are created).
         title: First line of the title; the second always states N, C and the split sizes. When omitted, the
@@ -80,9 +80,15 @@ def draw_datamap(dynamics_path: str | Path, output_path: str | Path, title: str 
     for name, color in COLORS.items():
         idx = shown[split[shown] == name]
         ax.scatter(
-            variability[idx], confidence[idx], s=size, c=color, alpha=0.5, linewidths=0, rasterized=True,
+            variability[idx],
+            confidence[idx],
+            s=size,
+            c=color,
+            alpha=0.5,
+            linewidths=0,
+            rasterized=True,
             label=f"{name} ({counts[name]:,})",
-        )  # fmt: skip
+        )
     if counts[CONFIDENT] and counts[UNCONFIDENT]:  # the median split's boundary
         boundary = (confidence[split == CONFIDENT].min() + confidence[split == UNCONFIDENT].max()) / 2
         ax.axhline(boundary, color="0.3", linestyle="--", linewidth=1, label="median split")
@@ -110,9 +116,13 @@ def draw_datamap(dynamics_path: str | Path, output_path: str | Path, title: str 
         else:
             edges = np.linspace(lo, hi if hi > lo else lo + 1, 41)
         hist_ax.hist(
-            [data[split == name] for name in COLORS], bins=edges, stacked=True, color=list(COLORS.values()),
-            alpha=0.7, orientation=orientation,
-        )  # fmt: skip
+            [data[split == name] for name in COLORS],
+            bins=edges,
+            stacked=True,
+            color=list(COLORS.values()),
+            alpha=0.7,
+            orientation=orientation,
+        )
         hist_ax.tick_params(labelbottom=False, labelleft=False)
         hist_ax.set_xlabel("examples" if orientation == "horizontal" else "")
         hist_ax.set_ylabel("examples" if orientation == "vertical" else "")

@@ -2,7 +2,7 @@
 
 `DynamicsCallback` records them during any ``transformers.Trainer`` / ``trl.SFTTrainer`` run (or is fed by
 `sftmix.SFTMixTrainer`, whose fused head returns per-example sums) and writes ``dynamics.jsonl`` and the data map
-with `sftmix.scorers.write_stage1`. `progress_corrected_confidence` compares each example with those seen at
+with `sftmix.stage1.files.write_stage1`. `progress_corrected_confidence` compares each example with those seen at
 neighbouring steps, because the model measuring them improves as it trains.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -19,13 +19,27 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from transformers import TrainerCallback
 
-from .data import IGNORE_INDEX, content_id
-from .errors import SFTMixError
-from .io_utils import atomic_write_json
-from .scorers import write_stage1
+from ..data.dataset import IGNORE_INDEX, content_id
+from ..errors import SFTMixError
+from ..io_utils import atomic_write_json
+from .files import write_stage1
 
 RECORDS_FILE = "sftmix_nll_records.json"
 """`DynamicsCallback`'s records, saved in each Trainer checkpoint so a resumed run keeps them."""
+
+
+class Measurement(NamedTuple):
+    """One example's measurement in one epoch: saved in checkpoints as ``[step, nll_sum, tokens]``."""
+
+    step: int
+    """The optimizer step whose forward measured it (the model of that step)."""
+    nll_sum: float
+    """The summed NLL of its response tokens."""
+    tokens: int
+
+    @property
+    def perplexity(self) -> float:
+        return float(np.exp(self.nll_sum / max(self.tokens, 1)))
 
 
 def progress_corrected_confidence(
@@ -68,7 +82,7 @@ def progress_corrected_confidence(
 
 
 def _token_key(ids: Sequence[int]) -> str:
-    return content_id({"input_ids": ids})  # the id sftmix.data gives a tokenized row
+    return content_id({"input_ids": ids})  # the id sftmix.data.dataset gives a tokenized row
 
 
 def _per_row_nll(output: Any, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -92,7 +106,7 @@ def _per_row_nll(output: Any, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]
 
 class DynamicsCallback(TrainerCallback):
     """Record every training example's response NLL during any ``transformers.Trainer`` / ``trl.SFTTrainer`` run
-    and write ``dynamics.jsonl`` (one perplexity per epoch, `sftmix.splits`' format and median split) and the data
+    and write ``dynamics.jsonl`` (one perplexity per epoch, `sftmix.stage1.splits`' format and median split) and the data
     map ``datamap.png`` to ``output_dir`` at the end of training.
 
     The NLL comes from the training forwards themselves (a forward hook reads TRL's per-token log-probabilities,
@@ -138,7 +152,7 @@ class DynamicsCallback(TrainerCallback):
         self.correction, self.window, self.epochs, self.on_written = correction, window, epochs, on_written
         self.hook, self.model_name, self.fingerprint, self.scorer = hook, model_name, fingerprint, scorer
         self.order = [str(i) for i in order] if order is not None else None  # dataset order of the ids
-        self.records: dict[int, dict[str, tuple[int, float, int]]] = {}  # epoch -> id -> (step, nll, tokens)
+        self.records: dict[int, dict[str, Measurement]] = {}  # epoch -> id -> its first measurement
         self.state: Any = None
         self.written: Path | None = None
         self._key_to_id: dict[str, str] = {}
@@ -154,7 +168,7 @@ class DynamicsCallback(TrainerCallback):
             return
         seen = self.records.setdefault(epoch, {})
         for i, s, n in zip(ids, nll_sums.tolist(), tokens.tolist(), strict=True):
-            seen.setdefault(str(i), (int(self.state.global_step), float(s), int(n)))
+            seen.setdefault(str(i), Measurement(int(self.state.global_step), float(s), int(n)))
 
     def _forward_hook(self, module, args, kwargs, output) -> None:
         if not module.training:
@@ -191,7 +205,7 @@ class DynamicsCallback(TrainerCallback):
             saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / RECORDS_FILE
             if saved.is_file():
                 loaded = json.loads(saved.read_text(encoding="utf-8"))
-                self.records = {int(e): {i: tuple(v) for i, v in r.items()} for e, r in loaded.items()}
+                self.records = {int(e): {i: Measurement(*v) for i, v in r.items()} for e, r in loaded.items()}
 
     def save_records(self, checkpoint_dir: Path) -> None:
         """Write the records so far into a checkpoint (every process calls it; the main one writes)."""
@@ -225,40 +239,52 @@ class DynamicsCallback(TrainerCallback):
         if not epochs:
             raise SFTMixError("DynamicsCallback recorded no training forward: nothing to write")
         first = records[epochs[0]]
-        order = self.order or sorted(first, key=lambda i: (first[i][0], i))
+        order = self.order or sorted(first, key=lambda i: (first[i].step, i))
         ids = [i for i in order if all(i in records[e] for e in epochs)]  # seen in every recorded epoch
         if self.order is not None and len(ids) < len(order):
             raise SFTMixError(
                 f"{len(order) - len(ids)} training examples were not seen in every recorded epoch (first: "
                 f"{next(i for i in order if i not in ids)!r})"
             )
-        ppl = np.array([[np.exp(records[e][i][1] / max(records[e][i][2], 1)) for e in epochs] for i in ids])
-        tokens = [records[epochs[0]][i][2] for i in ids]
+        ppl = np.array([[records[e][i].perplexity for e in epochs] for i in ids])
+        tokens = [records[epochs[0]][i].tokens for i in ids]
         confidence = None
         if self.correction != "none":
             per_epoch = [
                 progress_corrected_confidence(
-                    np.array([records[e][i][0] for i in ids]), np.log(ppl[:, k]), self.correction, self.window
+                    np.array([records[e][i].step for i in ids]),
+                    np.log(ppl[:, k]),
+                    self.correction,
+                    self.window,
                 )
                 for k, e in enumerate(epochs)
             ]
             confidence = np.mean(per_epoch, axis=0)
         self.written = write_stage1(
-            self.output_dir, ids, ppl, tokens, scorer=self.scorer, checkpoints=[f"epoch-{e + 1}" for e in epochs],
-            fingerprint=self.fingerprint, model_name=self.model_name, confidence=confidence,
-            extra={"steps": [[records[e][i][0] for e in epochs] for i in ids]},
-        )  # fmt: skip
+            self.output_dir,
+            ids,
+            ppl,
+            tokens,
+            scorer=self.scorer,
+            checkpoints=[f"epoch-{e + 1}" for e in epochs],
+            fingerprint=self.fingerprint,
+            model_name=self.model_name,
+            confidence=confidence,
+            extra={"steps": [[records[e][i].step for e in epochs] for i in ids]},
+        )
         if self.on_written is not None:
             self.on_written(self.written)
         return self.written
 
 
-def _merge(parts: list[dict[int, dict[str, tuple]]]) -> dict[int, dict[str, tuple]]:
-    merged: dict[int, dict[str, tuple]] = {}
+def _merge(parts: list[dict[int, dict[str, Measurement]]]) -> dict[int, dict[str, Measurement]]:
+    """Every process's records in one: an example seen by several processes keeps its earliest measurement."""
+    merged: dict[int, dict[str, Measurement]] = {}
     for part in parts:
         for epoch, rows in part.items():
             target = merged.setdefault(int(epoch), {})
             for i, value in rows.items():
-                if i not in target or tuple(value)[0] < target[i][0]:
-                    target[i] = tuple(value)
+                value = Measurement(*value)
+                if i not in target or value.step < target[i].step:
+                    target[i] = value
     return merged

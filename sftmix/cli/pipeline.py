@@ -19,17 +19,18 @@ from pathlib import Path
 
 from trl import ModelConfig, get_peft_config
 
-from .bema import BEMA_DIR, BEMASaver
-from .data import prepare_sft_dataset
+from ..bema import BEMA_DIR, BEMASaver
+from ..data.dataset import prepare_sft_dataset
+from ..data.models import load_model, load_tokenizer
+from ..data.selection import unconfident_fraction
+from ..errors import SFTMixError
+from ..io_utils import atomic_write_json, last_complete_checkpoint
+from ..sftmix_config import DataArguments, SFTMixConfig
+from ..sftmix_trainer import SFTMixTrainer
+from ..stage1.reference import stage1_args
+from ..stage1.scorers import scorer_for
+from ..stage1.splits import align_split, drop_unconfident, read_dynamics_splits
 from .dynamics import run_dynamics
-from .errors import SFTMixError
-from .io_utils import atomic_write_json, last_complete_checkpoint
-from .models import load_model, load_tokenizer
-from .reference import stage1_args
-from .selection import unconfident_fraction
-from .sftmix_config import DataArguments, SFTMixConfig
-from .sftmix_trainer import SFTMixTrainer
-from .splits import align_split, drop_unconfident, read_dynamics_splits
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def train(model_args: ModelConfig, data_args: DataArguments, training_args: SFTM
     )
     drop = unconfident_fraction(data_args.selection)
     if training_args.mixup_weight > 0:  # the batch shape, before anything is written
-        SFTMixTrainer._check_mixup_args(training_args)
+        SFTMixTrainer.check_mixup_args(training_args)
     if drop is not None:  # data cleaning needs stage 1's confidences first
         if not training_args.dynamics_path:
             _check_scorer_runs_first(training_args)
@@ -105,6 +106,7 @@ def train(model_args: ModelConfig, data_args: DataArguments, training_args: SFTM
     ):  # the final model in one file plain transformers loads, however checkpoints are kept
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(tmp_dir))  # every process calls it (FSDP/ZeRO-3 gather); the main one writes
+    trainer.save_model_card(tmp_dir)  # TRL's card, with SFTMix's settings and the data map
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(tmp_dir)
         if training_args.bema:  # TRL's callback wrote it to output_dir/bema at the end of training
@@ -131,19 +133,17 @@ def train(model_args: ModelConfig, data_args: DataArguments, training_args: SFTM
 
 
 def _check_scorer_runs_first(training_args: SFTMixConfig) -> None:
-    if training_args.confidence_scorer in ("warmup", "online"):
-        raise SFTMixError(
-            f"selection drop_unconfident needs the confidences before training, but confidence_scorer="
-            f"{training_args.confidence_scorer} makes them during it: set dynamics_path, or use the reference, "
-            "base or random scorer"
-        )
+    scorer_for(training_args, checkpoints=False).check_runs_before_training(
+        "selection drop_unconfident needs the confidences before training: set dynamics_path, or use the "
+        "reference, base or random scorer"
+    )
 
 
 def run_pipeline(model_args: ModelConfig, data_args: DataArguments, training_args: SFTMixConfig) -> str:
     """Run stages 1-2 then stage 3 (`train`); return the final model's dir.
 
     The ``reference``, ``base`` and ``random`` scorers run first as ``sftmix dynamics`` does
-    (`sftmix.dynamics.run_dynamics`, which tokenizes the data for a reference model with its own tokenizer);
+    (`sftmix.cli.dynamics.run_dynamics`, which tokenizes the data for a reference model with its own tokenizer);
     ``warmup`` and ``online`` make the split inside the target's training (`sftmix.SFTMixTrainer`)."""
     drop = unconfident_fraction(data_args.selection)
     if drop is not None and not training_args.dynamics_path:
@@ -151,7 +151,7 @@ def run_pipeline(model_args: ModelConfig, data_args: DataArguments, training_arg
     if (
         (training_args.mixup_weight > 0 or drop is not None)
         and not training_args.dynamics_path
-        and training_args.confidence_scorer not in ("warmup", "online")
+        and not scorer_for(training_args, checkpoints=False).inside_training
     ):
         training_args.dynamics_path = str(run_dynamics(model_args, data_args, stage1_args(training_args)))
     logger.info(

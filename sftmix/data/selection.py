@@ -8,9 +8,9 @@ The paper shows SFTMix also helps on top of data selection (AlpaGasus-style filt
   the choice is the one the model will see. Ties keep the earlier example.
 - ``drop_unconfident:F`` (0 < F < 1) drops the fraction F of the examples that stage 1 finds least confident:
   data cleaning with the data map. It needs the confidences, so it is applied *after* stage 1 (by
-  `sftmix.splits.drop_unconfident`, the dynamics file's reader); here it is only validated, and stage 1 scores
+  `sftmix.stage1.splits.drop_unconfident`, the dynamics file's reader); here it is only validated, and stage 1 scores
   every example.
-- anything else is a path to a file of example ids (the ``id`` column of `sftmix.data.load_sft_dataset`):
+- anything else is a path to a file of example ids (the ``id`` column of `sftmix.data.dataset.load_sft_dataset`):
   one id per line (blank lines and ``#`` comments skipped), or a JSON list of ids.
 
 The kept examples stay in their dataset order.
@@ -25,7 +25,7 @@ from typing import Any
 
 from datasets import Dataset
 
-from .errors import SFTMixError
+from ..errors import SFTMixError
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def apply_selection(dataset: Dataset, selection: str | None, tokenizer: Any | No
     """Apply a ``selection`` spec to an ``id``/``messages`` dataset (see the module docstring).
 
     Args:
-        dataset: The dataset from `sftmix.data.load_sft_dataset`.
+        dataset: The dataset from `sftmix.data.dataset.load_sft_dataset`.
         selection: None or empty (keep everything), ``longest:N``, or a path to a file of ids;
             ``drop_unconfident:F`` is only validated (it is applied after stage 1, see the module docstring).
         tokenizer: With ``longest:N``, measure responses in this tokenizer's tokens instead of characters.

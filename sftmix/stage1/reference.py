@@ -3,7 +3,7 @@
 The reference model (the target itself by default, or a smaller one: the paper's weak-to-strong result) is
 trained on the SFT data for ``reference_epochs`` epochs with `sftmix.SFTMixTrainer` at ``mixup_weight=0``
 (exactly TRL's NTP training). At steps ``round(k * T / C)``, k = 1..C (`checkpoint_steps`), the model being
-trained is scored where it is (`sftmix.scorers.ScoreAtStepsCallback`): no checkpoint is saved and reloaded unless
+trained is scored where it is (`ScoreAtStepsCallback`): no checkpoint is saved and reloaded unless
 ``keep_reference_checkpoints`` asks for it. A marker file records the data fingerprint and the settings: a rerun
 reuses the scored checkpoints, skips a finished run, and refuses a directory trained on other data or settings.
 """
@@ -15,19 +15,22 @@ import gc
 import json
 import logging
 import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from accelerate import PartialState
 from datasets import Dataset
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, TrainerCallback
 from transformers.trainer_utils import SaveStrategy
 
-from .errors import SFTMixError
-from .io_utils import atomic_write_json, last_complete_checkpoint
-from .models import load_model
-from .scorers import SCORES_DIR, ScoreAtStepsCallback
+from ..data.models import load_model
+from ..errors import SFTMixError
+from ..io_utils import atomic_write_json, last_complete_checkpoint
+from .files import SCORES_DIR, read_scores, write_scores
+from .scoring import ScoringSettings, unwrap_for_scoring
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +110,80 @@ def _reference_settings(
     return json.loads(json.dumps(settings, default=str))  # JSON-comparable (enums as strings)
 
 
+@dataclass(frozen=True)
+class StepScoring:
+    """What `ScoreAtStepsCallback` scores, how, and where each step's scores file goes."""
+
+    dataset: Dataset
+    """``input_ids`` and unshifted ``labels`` of every training example (`sftmix.stage1.scoring.with_training_labels`)."""
+    ids: Sequence[str]
+    fingerprint: str
+    """The data's `sftmix.data.dataset.dataset_fingerprint`: a scores file of other data is not reused."""
+    scores_dir: Path
+    settings: ScoringSettings
+
+
+class ScoreAtStepsCallback(TrainerCallback):
+    """Score the model being trained at C evenly spaced optimizer steps, in-process, and write one scores file each.
+
+    Used by the ``reference`` run and by ``warmup`` (the target's first epochs). A step whose scores file exists
+    (same data, same step) is not scored again, so a rerun after a crash reuses them.
+
+    Args:
+        scoring: What is scored, how, and where the files go (`StepScoring`).
+        num_checkpoints: C: the steps are `checkpoint_steps` of the horizon.
+        horizon: ``TrainerState -> T``, the last step of the reference run, computed when training begins.
+        save: Also save a Trainer checkpoint at each of those steps.
+        on_done: Called with the ``[N, C]`` perplexities and the steps once the last one is scored.
+    """
+
+    def __init__(
+        self,
+        scoring: StepScoring,
+        num_checkpoints: int,
+        horizon: Callable[[Any], int],
+        save: bool = False,
+        on_done: Callable[[np.ndarray, list[int]], None] | None = None,
+    ) -> None:
+        self.scoring, self.num_checkpoints, self._horizon = scoring, num_checkpoints, horizon
+        self.save, self.on_done = save, on_done
+        self.save_steps: list[int] = []
+        self.columns: dict[int, np.ndarray] = {}
+
+    def key(self, step: int) -> str:
+        return f"step-{step}"
+
+    def file(self, step: int) -> Path:
+        return self.scoring.scores_dir / f"ckpt-{step}.json"
+
+    def scored(self, step: int) -> np.ndarray | None:
+        return read_scores(self.file(step), self.scoring.fingerprint, self.key(step))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.save_steps = checkpoint_steps(self._horizon(state), self.num_checkpoints)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        step = state.global_step
+        if step not in self.save_steps:
+            return control
+        if self.save:
+            control.should_save = True
+        values = self.scored(step)
+        if values is None:
+            s = self.scoring
+            values = s.settings.score(unwrap_for_scoring(model), s.dataset, desc=f"Scoring step {step}")
+            write_scores(self.file(step), s.fingerprint, self.key(step), s.ids, values)
+        self.columns[step] = values
+        if step == self.save_steps[-1] and self.on_done is not None:
+            self.on_done(self.perplexities(), self.save_steps)
+        return control
+
+    def perplexities(self) -> np.ndarray:
+        return np.stack(
+            [self.columns[s] if s in self.columns else self.scored(s) for s in self.save_steps], axis=1
+        )
+
+
 def train_reference(
     model: PreTrainedModel | str,
     dataset: Dataset,
@@ -114,7 +191,7 @@ def train_reference(
     tokenizer: Any,
     training_args: Any,
     reference_dir: Path,
-    trainer_cls: type,
+    make_trainer: Callable[..., Any],
     fingerprint: str,
     model_name: str,
     peft_config: Any = None,
@@ -127,7 +204,7 @@ def train_reference(
     Args:
         model: The reference model, or its name or path (loaded with ``dtype`` / ``attn_implementation``).
         dataset: The rows trained on, as the trainer takes them.
-        scoring_dataset: ``input_ids`` and unshifted ``labels`` of the same rows (`sftmix.scorers.with_training_labels`),
+        scoring_dataset: ``input_ids`` and unshifted ``labels`` of the same rows (`sftmix.stage1.scoring.with_training_labels`),
             with an ``id`` column: what is scored.
         tokenizer: The reference model's tokenizer.
         training_args: The run's `SFTMixConfig`: copied with ``output_dir=reference_dir``, ``reference_epochs``,
@@ -135,8 +212,9 @@ def train_reference(
             ``scoring_batch_size`` and ``head_chunk_size`` apply; so does ``max_steps``.
         reference_dir: The run's directory (its marker, logs, and the checkpoints when kept); the scores files go to
             ``reference_dir/../scores``.
-        trainer_cls: The trainer class (`sftmix.SFTMixTrainer`; with ``mixup_weight=0``, TRL's NTP training).
-        fingerprint: `sftmix.data.dataset_fingerprint` of ``scoring_dataset``.
+        make_trainer: Makes the reference run's trainer from ``Trainer`` keyword arguments: `sftmix.SFTMixTrainer`
+            (with ``mixup_weight=0``, TRL's NTP training), or `SFTMixTrainer.reference_trainer` inside a run.
+        fingerprint: `sftmix.data.dataset.dataset_fingerprint` of ``scoring_dataset``.
         model_name: The reference model's name, for the marker.
         peft_config: Train a PEFT adapter as the reference (the target run's ``peft_config``).
 
@@ -149,17 +227,15 @@ def train_reference(
     settings = _reference_settings(
         model_name, peft_config is not None, training_args, epochs, num_checkpoints
     )
-    callback = ScoreAtStepsCallback(
-        lambda horizon: checkpoint_steps(horizon, num_checkpoints),
-        lambda state: state.max_steps,
+    scoring = StepScoring(
         scoring_dataset,
-        scoring_dataset["id"],
-        reference_dir.parent / SCORES_DIR,
+        list(scoring_dataset["id"]),
         fingerprint,
-        training_args.scoring_batch_size,
-        getattr(training_args, "head_chunk_size", 1024),
-        bool(getattr(training_args, "bf16", False)),
-        save=training_args.keep_reference_checkpoints,
+        reference_dir.parent / SCORES_DIR,
+        ScoringSettings.of(training_args),
+    )
+    callback = ScoreAtStepsCallback(
+        scoring, num_checkpoints, lambda state: state.max_steps, save=training_args.keep_reference_checkpoints
     )
     if marker.is_file():
         done = json.loads(marker.read_text(encoding="utf-8"))
@@ -189,7 +265,7 @@ def train_reference(
 
     if isinstance(model, str):
         model = load_model(model, dtype=dtype, attn_implementation=attn_implementation)
-    trainer = trainer_cls(
+    trainer = make_trainer(
         model=model,
         args=_reference_args(training_args, reference_dir, epochs),
         train_dataset=dataset,
