@@ -334,7 +334,8 @@ def test_overfit_bema_arm_evaluates_the_bema_weights_and_dft_trains_with_trls_lo
         root=str(tmp_path / "runs"), record=str(tmp_path / "record"), arms=["dft", "bema"], seeds=[1],
         model="m", max_length=64, batch=2, grad_accum=1, lr=1e-5, num_checkpoints=2,
     )  # fmt: skip
-    overfit_study.run_overfit(args, sh, efficacy_study.random_split)
+    monkeypatch.setattr(overfit_study, "sh", sh)
+    overfit_study.run_overfit(args)
     trains = [c for c in commands if c[1] == "train"]
     assert trains[0][trains[0].index("--loss_type") + 1] == "dft" and "--bema" in trains[1]
     evaluated = [c[c.index("--model_name_or_path") + 1] for c in commands if c[1] == "eval"]
