@@ -138,6 +138,9 @@ class SFTMixConfig(SFTConfig):
             ``bema/`` inside each checkpoint and the final model (`sftmix.bema`); ``sftmix train``/``run`` only.
         bema_update_freq: Optimizer steps between BEMA updates (TRL's default 400: a run shorter than that
             never updates them, and its ``bema/`` is the starting model).
+        stop_on_signal: On SIGTERM/SIGINT (preemption, Ctrl-C), finish the optimizer step, save a checkpoint on
+            every process at the same step, and stop with `sftmix.preemption.StoppedBySignal` (the CLI exits with
+            128 + the signal's number); the same command resumes. Replaces ``enable_jit_checkpoint``.
     """
 
     mixup_weight: float = field(default=0.2, metadata={"help": "mu: weight of the Mixup regulariser."})
@@ -222,6 +225,13 @@ class SFTMixConfig(SFTConfig):
     bema_update_freq: int = field(
         default=400,
         metadata={"help": "Steps between BEMA updates (TRL's default; a shorter run never updates them)."},
+    )
+
+    stop_on_signal: bool = field(
+        default=True,
+        metadata={
+            "help": "On SIGTERM/SIGINT, save a checkpoint at the end of the optimizer step and stop (resumable)."
+        },
     )
 
     def _follow_the_launchers_precision(self) -> None:

@@ -46,6 +46,7 @@ from .errors import SFTMixError
 from .io_utils import atomic_write_json
 from .mixup.loss import add_sftmix_head, count_mixed_tokens, sample_lambdas
 from .mixup.pairing import BalancedPairSampler, MixupRoleCollator, pair_rows
+from .preemption import StopOnSignal
 from .sftmix_config import SFTMixConfig
 from .stage1.online import DynamicsCallback
 from .stage1.scorers import mixup_start_epoch, prepare_stage1
@@ -214,6 +215,14 @@ class SFTMixTrainer(SFTTrainer):
             add_sftmix_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
         self._micro_step = 0
         self._num_mixed_in_window: torch.Tensor | None = None
+        self._stop_on_signal: StopOnSignal | None = None
+        if getattr(args, "stop_on_signal", False):  # last, so a step's other callbacks finish before the stop
+            if args.enable_jit_checkpoint:
+                logger.warning(
+                    "stop_on_signal replaces enable_jit_checkpoint (its SIGTERM handler is not used)"
+                )
+            self._stop_on_signal = StopOnSignal()
+            self.add_callback(self._stop_on_signal)
 
     @staticmethod
     def check_mixup_args(args: SFTMixConfig) -> None:
@@ -253,6 +262,8 @@ class SFTMixTrainer(SFTTrainer):
             prepare_stage1(self)
         result = super().train(*args, **kwargs)
         check_replicas_agree(self.model, self.accelerator)
+        if self._stop_on_signal is not None:  # a preempted run is not a finished one
+            self._stop_on_signal.raise_if_stopped(self.args.output_dir)
         return result
 
     def set_split(self, dynamics_path: str | Path) -> None:

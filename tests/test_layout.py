@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).parents[1]
 PACKAGE = ROOT / "sftmix"
 LAYERS = [
-    "errors", "io_utils", "run_lock", "distributed", "sftmix_config", "head",  # shared: errors, files, config
+    "errors", "io_utils", "run_lock", "distributed", "preemption", "sftmix_config", "head",  # shared
     "data", "stage1", "mixup", "sftmix_trainer", "bema", "evaluation", "cli",
 ]  # fmt: skip
 

@@ -4,7 +4,7 @@ Each command maps its flags and YAML keys 1:1 onto config dataclasses (`sftmix.s
 ``trl.ModelConfig`` and every ``trl.SFTConfig`` / ``TrainingArguments`` field), as ``trl sft --config`` does:
 the YAML file sets defaults, command-line flags override them. An unknown name is an error that suggests the
 closest valid one. User errors print one line and exit with code 2; nothing is written before the inputs are
-checked.
+checked. SIGTERM/SIGINT print one line and exit with 128 + the signal's number, leaving a resume point.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import SFTMixError
 from ..io_utils import stop_cleanly_on_full_disk
+from ..preemption import StoppedBySignal, raise_on_signal
 from ..run_lock import output_dir_lock
 
 logger = logging.getLogger("sftmix")
@@ -242,14 +243,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
     dry_run = command in ("run", "train", "dynamics") and "--dry_run" in rest
     try:
-        if dry_run:
-            _dry_run(command, [a for a in rest if a != "--dry_run"])
-        else:
-            HANDLERS[command](rest)
+        with raise_on_signal():  # training itself stops at a step's end instead (`sftmix.preemption`)
+            if dry_run:
+                _dry_run(command, [a for a in rest if a != "--dry_run"])
+            else:
+                HANDLERS[command](rest)
     except SFTMixError as e:
         print(f"sftmix: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except StoppedBySignal as e:
+        print(f"sftmix: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # a SIGINT the handlers did not see (outside the main thread's Python code)
         print("sftmix: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     return 0

@@ -219,8 +219,8 @@ def train_reference(
         peft_config: Train a PEFT adapter as the reference (the target run's ``peft_config``).
 
     A rerun after a crash keeps the checkpoints already scored (their scores files); the run itself starts again
-    (deterministically) unless ``keep_reference_checkpoints`` saved a checkpoint to resume from. A finished run is
-    not trained again.
+    (deterministically) unless a checkpoint exists to resume from: one ``keep_reference_checkpoints`` saved, or
+    the one a SIGTERM/SIGINT saved (`sftmix.preemption`). A finished run is not trained again.
     """
     marker = reference_dir / "sftmix_reference.json"
     num_checkpoints, epochs = training_args.num_checkpoints, training_args.reference_epochs
@@ -273,7 +273,8 @@ def train_reference(
         peft_config=peft_config,
         callbacks=[callback],
     )
-    last = last_complete_checkpoint(reference_dir) if training_args.keep_reference_checkpoints else None
+    # A kept checkpoint, or the one a SIGTERM/SIGINT saved (`sftmix.preemption`), is a resume point
+    last = last_complete_checkpoint(reference_dir)
     if last is not None:
         logger.info("Resuming the reference run from %s", last)
     trainer.train(resume_from_checkpoint=last)
@@ -291,6 +292,9 @@ def train_reference(
         atomic_write_json(marker, record)
         if training_args.keep_reference_checkpoints and not training_args.keep_reference_optimizer:
             drop_optimizer_states([reference_dir / f"checkpoint-{step}" for step in steps])
+        if not training_args.keep_reference_checkpoints:  # a preempted run's resume point, now used
+            for checkpoint in reference_dir.glob("checkpoint-*"):
+                shutil.rmtree(checkpoint)
     state.wait_for_everyone()
     return perplexities, steps
 
