@@ -42,7 +42,7 @@ import overfit_study as overfit
 from study_common import SEEDS, add_training_arguments, random_split, sh, training_flags
 
 from sftmix.io_utils import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
-from sftmix.stage1.splits import UNCONFIDENT, split_agreement
+from sftmix.stage1.splits import UNCONFIDENT, least_confident, split_agreement
 
 RECORD = Path(__file__).resolve().parent / "results" / "efficacy_noisy"
 N_BAD = 64
@@ -245,10 +245,7 @@ def detection_rows(record: Path) -> list[dict]:
         if scorer == "reference":
             signals["variability (reference)"] = np.array([r["variability"] for r in data])
         unconfident = np.array([r["split"] == UNCONFIDENT for r in data])
-        # what `drop_unconfident:DROP` removes: the least confident, of ties the later examples first
-        ranking = np.lexsort((np.arange(len(ids)), signals[scorer]))
-        dropped = np.zeros(len(ids), dtype=bool)
-        dropped[ranking[len(ids) - round(DROP * len(ids)) :]] = True
+        dropped = least_confident([r["confidence"] for r in data], DROP)  # what drop_unconfident:DROP removes
         for name, score in signals.items():
             for kind in ("all", *KINDS):
                 bad = np.array([i in kind_of and (kind == "all" or kind_of[i] == kind) for i in ids])

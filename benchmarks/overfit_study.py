@@ -190,14 +190,10 @@ def evaluate_run(
 
 def record_precision(run: Path, record: Path) -> None:
     """Keep the precision the run trained in (figures move with it: compare only runs of one precision)."""
-    args = run / "final" / "training_args.bin"
+    info = run / "final" / "sftmix_train.json"  # `sftmix train` records the precision it trained in
     target = record / run.name / "precision.json"
-    if args.exists() and not target.exists():
-        import torch
-
-        saved = torch.load(args, weights_only=False)
-        precision = "bf16" if saved.bf16 else "fp16" if saved.fp16 else "fp32"
-        atomic_write_json(target, {"precision": precision})
+    if info.exists() and not target.exists():
+        atomic_write_json(target, {"precision": json.loads(info.read_text())["precision"]})
 
 
 def recorded_precisions(record: Path) -> dict[str, str]:

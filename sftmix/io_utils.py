@@ -125,16 +125,24 @@ def _is_json(path: Path) -> bool:
     return True
 
 
-def _is_disk_full(error: BaseException | None) -> bool:
-    """ENOSPC, also as torch's zip writer reports it (a RuntimeError without errno: "unexpected pos")."""
+NEARLY_FULL_MB = 16.0
+"""Free space below which an errno-less write error counts as a full disk (a failed write fills it to ~0)."""
+
+
+def _is_disk_full(error: BaseException | None, root: Path) -> bool:
+    """ENOSPC/EDQUOT anywhere in the chain; or an error without errno (torch's zip writer raises a RuntimeError
+    whose text changes between versions) while ``root``'s file system is nearly full."""
+    errors = []
     while error is not None:
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        text = str(error)
-        if "No space left on device" in text or ("inline_container" in text and "unexpected pos" in text):
-            return True
+        errors.append(error)
         error = error.__cause__ or error.__context__
-    return False
+    if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in errors):
+        return True
+    if any("No space left on device" in str(e) for e in errors):
+        return True
+    return (
+        any(type(e) is RuntimeError for e in errors) and shutil.disk_usage(root).free / 2**20 < NEARLY_FULL_MB
+    )
 
 
 def _size_mb(path: Path) -> float:
@@ -152,7 +160,7 @@ def stop_cleanly_on_full_disk(output_dir: str | os.PathLike) -> Iterator[None]:
         yield
     except Exception as e:
         root = Path(output_dir)
-        if not _is_disk_full(e) or not root.is_dir():
+        if not root.is_dir() or not _is_disk_full(e, root):
             raise
         complete = complete_checkpoints(root)
         half = [p for p in root.glob("checkpoint-*") if p.is_dir() and p not in complete]

@@ -16,6 +16,18 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 ASSETS = Path(__file__).parent / "assets"
+
+
+def ntp_train_argv(model: str, out: Path, *extra: str) -> list[str]:
+    """``sftmix train`` arguments for plain NTP of ``model`` on the asset Alpaca file into ``out`` (CPU, fp32, batch
+    2, no logging backends); ``extra`` come last, so they override."""
+    return [
+        "train", "--dataset_name", str(ASSETS / "data" / "alpaca.json"), "--model_name_or_path", model,
+        "--use_cpu", "true", "--bf16", "false", "--mixup_weight", "0", "--per_device_train_batch_size", "2",
+        "--report_to", "none", "--output_dir", str(out), *extra,
+    ]  # fmt: skip
+
+
 TOKENIZER_DIR = ASSETS / "tiny_tokenizer"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ASSETS
+from conftest import ASSETS, ntp_train_argv
 from safetensors.torch import load_file
 
 from sftmix.cli import main
@@ -18,28 +18,8 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 def _train(tmp_path: Path, model: str, name: str, *extra: str) -> Path:
     out = tmp_path / name
-    argv = ["train", "--dataset_name", str(ASSETS / "data" / "alpaca.json"), "--model_name_or_path", model]
-    argv += [
-        "--use_cpu",
-        "true",
-        "--bf16",
-        "false",
-        "--mixup_weight",
-        "0",
-        "--per_device_train_batch_size",
-        "2",
-    ]
-    argv += [
-        "--learning_rate",
-        "1e-2",
-        "--num_train_epochs",
-        "2",
-        "--save_strategy",
-        "epoch",
-        "--report_to",
-        "none",
-    ]
-    assert main([*argv, "--bema", "true", *extra, "--output_dir", str(out)]) == 0
+    schedule = ("--learning_rate", "1e-2", "--num_train_epochs", "2", "--save_strategy", "epoch")
+    assert main(ntp_train_argv(model, out, *schedule, "--bema", "true", *extra)) == 0
     return out
 
 

@@ -6,10 +6,8 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
-import torch
 
 from sftmix.io_utils import atomic_write_jsonl, read_jsonl
 
@@ -318,8 +316,8 @@ def test_overfit_bema_arm_evaluates_the_bema_weights_and_dft_trains_with_trls_lo
                 )
             (out / "final").mkdir()
             (out / "final" / "config.json").write_text("{}")
-            saved = SimpleNamespace(bf16="bema" in out.name, fp16=False)  # what record_precision reads
-            torch.save(saved, out / "final" / "training_args.bin")
+            precision = "bf16" if "bema" in out.name else "fp32"  # what record_precision reads
+            (out / "final" / "sftmix_train.json").write_text(json.dumps({"precision": precision}))
         else:
             _fake_eval(out, 0.0)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ASSETS
+from conftest import ntp_train_argv
 from safetensors.torch import load_file
 
 from sftmix.cli import main
@@ -37,19 +37,8 @@ def small_disk(tmp_path):
 
 
 def _argv(model: str, out: Path) -> list[str]:
-    argv = ["train", "--dataset_name", str(ASSETS / "data" / "alpaca.json"), "--model_name_or_path", model]
-    argv += [
-        "--use_cpu",
-        "true",
-        "--bf16",
-        "false",
-        "--mixup_weight",
-        "0",
-        "--per_device_train_batch_size",
-        "2",
-    ]
-    argv += ["--num_train_epochs", "3", "--save_strategy", "steps", "--save_steps", "1", "--seed", "3"]
-    return [*argv, "--report_to", "none", "--output_dir", str(out)]
+    steps = ("--num_train_epochs", "3", "--save_strategy", "steps", "--save_steps", "1", "--seed", "3")
+    return ntp_train_argv(model, out, *steps)
 
 
 def test_full_disk_while_saving_a_checkpoint(small_disk, tmp_path, tiny_llama_dir, capsys):

@@ -12,26 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ASSETS
+from conftest import ntp_train_argv
 
 from sftmix.cli import main
 from sftmix.errors import SFTMixError
 from sftmix.run_lock import LOCK_NAME, LockHolder, output_dir_lock
 
-
-def _train_argv(model: str, out: Path, *extra: str) -> list[str]:
-    argv = ["train", "--dataset_name", str(ASSETS / "data" / "alpaca.json"), "--model_name_or_path", model]
-    argv += [
-        "--use_cpu",
-        "true",
-        "--bf16",
-        "false",
-        "--mixup_weight",
-        "0",
-        "--per_device_train_batch_size",
-        "2",
-    ]
-    return [*argv, "--report_to", "none", "--output_dir", str(out), *extra]
+_train_argv = ntp_train_argv
 
 
 def test_a_second_run_on_a_live_runs_output_dir_stops_at_once(tmp_path, tiny_llama_dir):

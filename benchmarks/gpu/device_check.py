@@ -57,6 +57,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))  # bench_cost: a script directory, not a package
 
+TINY = dict(
+    vocab_size=2048,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 # (config class, arguments): the published configs' shapes; the weights are random.
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "smollm2-135m": (
@@ -91,30 +99,8 @@ SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
         ),
     ),
     # CPU mode: a tied Llama and an untied Qwen2 (attention biases), tiny
-    "tiny-llama": (
-        "LlamaConfig",
-        dict(
-            vocab_size=2048,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-        ),
-    ),
-    "tiny-qwen2": (
-        "Qwen2Config",
-        dict(
-            vocab_size=2048,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=False,
-        ),
-    ),
+    "tiny-llama": ("LlamaConfig", {**TINY, "tie_word_embeddings": True}),
+    "tiny-qwen2": ("Qwen2Config", {**TINY, "tie_word_embeddings": False}),
 }
 CUDA_KINDS = ("trl_nll", "trl_chunked_nll", "trl_liger", "ntp", "sftmix")
 LIGER_KINDS = ("trl_liger", "ntp_liger", "sftmix_liger")

@@ -260,6 +260,20 @@ def _check_covers(known: Mapping[str, Any], ids: Sequence[str], dynamics_path: s
         )
 
 
+def least_confident(confidence: Sequence[float], fraction: float) -> np.ndarray:
+    """Which of the examples `drop_unconfident` drops: the ``round(fraction * N)`` least confident, of equal
+    confidences the later example first (as in `median_split`).
+
+    >>> least_confident([-2.0, -9.0, -1.0, -3.0], 0.5).tolist()
+    [False, True, False, True]
+    """
+    n = len(confidence)
+    ranking = np.lexsort((np.arange(n), -np.asarray(confidence, dtype=np.float64)))  # most confident first
+    dropped = np.zeros(n, dtype=bool)
+    dropped[ranking[n - round(fraction * n) :]] = True
+    return dropped
+
+
 def drop_unconfident(dataset: Dataset, fraction: float, dynamics_path: str | Path) -> Dataset:
     """``dataset`` without the ``fraction`` of its examples least confident by the dynamics file: data cleaning
     with the data map (mislabeled and broken examples gather at low confidence, Swayamdipta et al. 2020).
@@ -280,9 +294,7 @@ def drop_unconfident(dataset: Dataset, fraction: float, dynamics_path: str | Pat
     by_id = {str(row["id"]): row["confidence"] for row in read_dynamics(dynamics_path, ("id", "confidence"))}
     ids = [str(i) for i in dataset["id"]]
     _check_covers(by_id, ids, dynamics_path)
-    n_drop = round(fraction * len(ids))
-    ranking = np.lexsort((np.arange(len(ids)), -np.array([by_id[i] for i in ids])))
-    kept = sorted(ranking[: len(ids) - n_drop].tolist())
+    kept = np.flatnonzero(~least_confident([by_id[i] for i in ids], fraction)).tolist()
     if len(kept) < 2:
         raise SFTMixError(
             f"drop_unconfident:{fraction} leaves {len(kept)} of {len(ids)} examples to train on"
