@@ -217,6 +217,27 @@ def test_a_signal_on_one_rank_stops_both_at_the_same_step(setup, two_process_ref
     _assert_same_result(out, two_process_reference)
 
 
+def test_a_signal_on_one_rank_in_the_reference_run_of_two_processes(setup, tmp_path):
+    """Stage 1 on 2 processes: rank 1 alone gets SIGTERM in the reference run (step 4 of 12, the first
+    scored step); both stop there, and the rerun writes the uninterrupted 2-process ``dynamics.jsonl`` byte for
+    byte."""
+
+    def args(out: Path) -> list[str]:
+        return _args("dynamics", setup["model"], setup["data"], out, "--per_device_train_batch_size", "2")
+
+    launch = [*TORCHRUN, "--master_port", "29566"]
+    expected = _run([*launch, "-m", "sftmix.cli", *args(tmp_path / "expected")])
+    assert expected.returncode == 0, expected.stderr[-3000:]
+    out = tmp_path / "out"
+    proc = _run([*launch, SIGNAL_AT, "reference", "4", "TERM", "1", *args(out)])
+    assert proc.stderr.count("sftmix: stopped by SIGTERM at step 4") == 2, proc.stderr[-4000:]
+    assert [c.name for c in complete_checkpoints(out / "reference")] == ["checkpoint-4"]
+    assert not (out / "dynamics.jsonl").exists()
+    rerun = _run([*launch, "-m", "sftmix.cli", *args(out)])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert (out / "dynamics.jsonl").read_bytes() == (tmp_path / "expected" / "dynamics.jsonl").read_bytes()
+
+
 def _worker_pids(launcher: int) -> dict[int, int]:
     """rank -> pid of the launcher's worker processes (from their RANK environment variable)."""
     pids, todo = {}, [launcher]
