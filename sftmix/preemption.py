@@ -40,19 +40,30 @@ logger = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class StoppedBySignal(Exception):
-    """A run stopped by SIGTERM/SIGINT; ``resume_from`` is the checkpoint it saved (None outside training)."""
+class StoppedBySignal(BaseException):
+    """A run stopped by SIGTERM/SIGINT; ``resume_from`` is the checkpoint it saved (None outside training).
+
+    A `BaseException`, as `KeyboardInterrupt` is, so that no ``except Exception`` on the way (a data loader's, a
+    library's) turns a preemption into another error.
+    """
 
     def __init__(self, signum: int, step: int | None = None, resume_from: str | Path | None = None) -> None:
-        self.signum, self.step, self.resume_from = signum, step, resume_from
-        where = f" at step {step}, checkpoint saved in {resume_from}" if resume_from else ""
-        super().__init__(
-            f"stopped by {signal.Signals(signum).name}{where}; run the same command again to resume"
-        )
+        super().__init__(int(signum), step, None if resume_from is None else str(resume_from))  # picklable
+        self.signum, self.step, self.resume_from = int(signum), step, resume_from
+
+    def __str__(self) -> str:
+        where = f" at step {self.step}, checkpoint saved in {self.resume_from}" if self.resume_from else ""
+        return f"stopped by {signal.Signals(self.signum).name}{where}; run the same command again to resume"
 
     @property
     def exit_code(self) -> int:
         return 128 + self.signum  # the shell's code for "killed by this signal"
+
+
+def stopped_early(state: Any, control: Any) -> bool:
+    """Whether training is stopping before its last step (a signal's stop): the callbacks that write what a
+    whole epoch or run measured (the online scorer's records) must not write a partial one then."""
+    return bool(control.should_training_stop) and state.global_step < state.max_steps
 
 
 def _can_handle_signals() -> bool:
@@ -90,19 +101,19 @@ class StopOnSignal(TrainerCallback):
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
+        # Nothing is written here: a signal can interrupt a write to stderr (a progress bar), and writing to it
+        # again from the handler raises "reentrant call"; `on_step_end` says what happens.
         if self.signum is not None:  # a second signal: stop now, the default way
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
         self.signum = signum
-        logger.warning(
-            "%s received: stopping after this optimizer step with a checkpoint (a second signal stops at once)",
-            signal.Signals(signum).name,
-        )
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.signum, self.stopped_at = None, None
-        if _can_handle_signals():
+        if (
+            _can_handle_signals() and not self._previous
+        ):  # a retry (auto_find_batch_size) keeps the first ones
             self._previous = {s: signal.signal(s, self._handler) for s in SIGNALS}
         return control
 
@@ -111,20 +122,30 @@ class StopOnSignal(TrainerCallback):
         if asked:
             self.signum = self.signum or asked
             self.stopped_at = state.global_step
+            logger.warning(
+                "%s: saving a checkpoint at step %d and stopping (a second signal stops at once)",
+                signal.Signals(self.signum).name,
+                state.global_step,
+            )
             control.should_save = True  # whatever save_strategy says: this is the resume point
+            control.should_evaluate = False  # the grace period is for the checkpoint
             control.should_training_stop = True
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.stopped_at is not None:  # saved at the step's end already
-            control.should_save = False
+            control.should_save = control.should_evaluate = False
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+        return control
+
+    def restore(self) -> None:
+        """Put back the signal handlers that were there before training (also after an exception)."""
         for s, h in self._previous.items():
             signal.signal(s, h)
         self._previous = {}
-        return control
 
     def _agreed_signal(self, device: torch.device) -> int:
         """The signal any process got (0: none): every process calls this at the same step, so all agree."""
@@ -135,11 +156,17 @@ class StopOnSignal(TrainerCallback):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item())
 
-    def raise_if_stopped(self, output_dir: str | Path) -> None:
-        """After ``train()`` returned: raise `StoppedBySignal` naming the checkpoint if a signal stopped it."""
-        if self.stopped_at is not None:
-            raise StoppedBySignal(
-                self.signum or signal.SIGTERM,
-                self.stopped_at,
-                Path(output_dir) / f"checkpoint-{self.stopped_at}",
-            )
+    def raise_if_stopped(self, trainer: Any) -> None:
+        """After ``trainer.train()`` returned: raise `StoppedBySignal` naming the checkpoint if a signal came.
+
+        Every process calls it. A signal that came after the last step's check (during the last save or the end
+        of training) still stops the run, with a checkpoint of the finished training as the resume point, and so
+        does a stop whose save something else cancelled (``save_strategy="best"``)."""
+        if self.stopped_at is None and self._agreed_signal(trainer.args.device):
+            self.stopped_at = trainer.state.global_step
+        if self.stopped_at is None:
+            return
+        checkpoint = Path(trainer._get_output_dir(None)) / f"checkpoint-{self.stopped_at}"
+        if not (checkpoint / "trainer_state.json").is_file():
+            trainer._save_checkpoint(trainer.model, trial=None)
+        raise StoppedBySignal(self.signum or signal.SIGTERM, self.stopped_at, checkpoint)

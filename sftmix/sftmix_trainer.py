@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import textwrap
 import warnings
 from collections.abc import Mapping
@@ -217,10 +218,7 @@ class SFTMixTrainer(SFTTrainer):
         self._num_mixed_in_window: torch.Tensor | None = None
         self._stop_on_signal: StopOnSignal | None = None
         if getattr(args, "stop_on_signal", False):  # last, so a step's other callbacks finish before the stop
-            if args.enable_jit_checkpoint:
-                logger.warning(
-                    "stop_on_signal replaces enable_jit_checkpoint (its SIGTERM handler is not used)"
-                )
+            self._replace_jit_checkpoint()
             self._stop_on_signal = StopOnSignal()
             self.add_callback(self._stop_on_signal)
 
@@ -260,11 +258,40 @@ class SFTMixTrainer(SFTTrainer):
         check_process_group(self.accelerator, self.args.world_size)
         if self._mixup and self._confident is None:
             prepare_stage1(self)
-        result = super().train(*args, **kwargs)
+        try:
+            result = super().train(*args, **kwargs)
+        finally:
+            if self._stop_on_signal is not None:
+                self._stop_on_signal.restore()
         check_replicas_agree(self.model, self.accelerator)
         if self._stop_on_signal is not None:  # a preempted run is not a finished one
-            self._stop_on_signal.raise_if_stopped(self.args.output_dir)
+            self._stop_on_signal.raise_if_stopped(self)
         return result
+
+    def add_callback(self, callback) -> None:
+        super().add_callback(callback)
+        stop = getattr(self, "_stop_on_signal", None)
+        if (
+            stop is not None and callback is not stop
+        ):  # the stop stays last (stage 1 adds its callbacks later)
+            self.callback_handler.remove_callback(stop)
+            self.callback_handler.callbacks.append(stop)
+
+    def _replace_jit_checkpoint(self) -> None:
+        """transformers' ``enable_jit_checkpoint`` saves per process before the optimizer step and returns as if
+        finished (`sftmix.preemption` says why): its callback goes, and the SIGTERM handler before it comes back."""
+        jit = next(
+            (c for c in self.callback_handler.callbacks if type(c).__name__ == "JITCheckpointCallback"), None
+        )
+        if jit is None:
+            return
+        self.callback_handler.remove_callback(jit)
+        manager = getattr(jit, "jit_manager", None)
+        if manager is not None and manager._original_sigterm_handler is not None:
+            signal.signal(signal.SIGTERM, manager._original_sigterm_handler)
+        logger.warning(
+            "stop_on_signal replaces enable_jit_checkpoint: SIGTERM saves at the end of the step instead"
+        )
 
     def set_split(self, dynamics_path: str | Path) -> None:
         """Pair by the split of stage 1's ``dynamics_path``: at once, or from the epoch where the scorer starts Mixup

@@ -5,7 +5,8 @@
 to itself once:
 
 - ``WHERE=reference`` / ``train``: at the end of optimizer step ``STEP`` of stage 1's reference run / of stage 3;
-- ``WHERE=scoring``: while stage 1 scores the reference run's checkpoint at step ``STEP``.
+- ``WHERE=scoring``: while stage 1 scores the reference run's checkpoint at step ``STEP``;
+- ``WHERE=train_end``: when stage 3's training ends (after its last step's check; ``STEP`` is ignored).
 
 The signal goes through the kernel to the handlers as an external one would; only its timing is chosen.
 """
@@ -46,6 +47,10 @@ class _SignalAtStep(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.stage == WHERE and state.global_step == STEP:
+            _send()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if WHERE == "train_end" and self.stage == "train":
             _send()
 
 

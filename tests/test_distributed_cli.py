@@ -194,6 +194,21 @@ def test_in_training_scorers_on_two_processes_equal_one_process(setup, scorer, p
     assert any("loss_mixup" in e for e in _logs(runs["torchrun"]))
 
 
+@pytest.mark.parametrize(("scorer", "port"), [("random", 29557), ("base", 29558)])
+def test_scorers_before_training_inside_train_on_two_processes(setup, scorer, port):
+    """``sftmix train`` without a dynamics file runs the ``random``/``base`` scorer first, on every process: the
+    main process writes the files while the other waits (a fast scorer once let the other process find the
+    finished files, skip the barrier and hang both), and the split equals one process's."""
+    runs = {}
+    for kind, batch in (("torchrun", 2), ("one", 4)):
+        runs[kind] = _sftmix(
+            kind, port, "train", setup["model"], setup["data"], setup["root"] / f"before_{scorer}_{kind}",
+            "--per_device_train_batch_size", str(batch), "--confidence_scorer", scorer, "--max_steps", "3",
+        )  # fmt: skip
+    _assert_same_split(*(runs[k] / "dynamics" / "dynamics.jsonl" for k in ("torchrun", "one")))
+    _assert_same_training(runs["torchrun"], runs["one"])
+
+
 def _accelerate_config(root: Path, name: str) -> Path:
     """The shipped accelerate config ``examples/accelerate/<name>.yaml``, for 2 CPU processes (gloo) in fp32.
 

@@ -128,22 +128,67 @@ def test_a_signal_in_each_stage_saves_a_resume_point_and_the_rerun_is_identical(
 
 
 def test_sigterm_from_outside_stops_stage_3_and_the_rerun_is_identical(setup, tmp_path):
-    """As a scheduler sends it: to the running process at some moment of stage 3 (the dynamics file is there)."""
+    """As a scheduler sends it: to the running process, at whatever stage 3 is doing once it has saved its first
+    checkpoint (every 2 steps here; saving does not change the training)."""
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "sftmix.cli", *_args("run", setup["model"], setup["data"], out)]
+    args = [
+        sys.executable, "-m", "sftmix.cli",
+        *_args("run", setup["model"], setup["data"], out, "--save_strategy", "steps", "--save_steps", "2"),
+    ]  # fmt: skip
     proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while proc.poll() is None and not (out / "dynamics" / "dynamics.jsonl").exists():
+    while proc.poll() is None and not complete_checkpoints(out):
         time.sleep(0.005)
     proc.send_signal(signal.SIGTERM)
     sent = time.monotonic()
     _, err = proc.communicate(timeout=BOUND_S)
     assert time.monotonic() - sent < BOUND_S
-    if proc.returncode == 0:
-        pytest.skip("the run finished before the signal came")  # a fast machine: nothing to test
     assert proc.returncode == 143, err[-3000:]
-    _stopped_line(err)
+    line = _stopped_line(err)
+    step = int(line.split(" at step ")[1].split(",")[0])
+    assert complete_checkpoints(out)[-1].name == f"checkpoint-{step}" and not (out / "final").exists()
     assert _run(args).returncode == 0
     _assert_same_result(out, setup["expected"])
+
+
+def test_a_signal_as_training_ends_still_leaves_a_resume_point(setup, tmp_path):
+    """A signal after the last step's check (while training ends) stops the run before ``final/`` is written,
+    with a checkpoint of the finished training; the rerun writes ``final/`` from it."""
+    out = tmp_path / "out"
+    args = _args("run", setup["model"], setup["data"], out)
+    proc = _run([sys.executable, SIGNAL_AT, "train_end", "0", "TERM", "0", *args])
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert f"at step 12, checkpoint saved in {out / 'checkpoint-12'}" in _stopped_line(proc.stderr)
+    assert [c.name for c in complete_checkpoints(out)] == ["checkpoint-12"] and not (out / "final").exists()
+    assert _run([sys.executable, "-m", "sftmix.cli", *args]).returncode == 0
+    _assert_same_result(out, setup["expected"])
+
+
+@pytest.mark.parametrize("step", [8, 12])
+def test_a_signal_while_the_online_scorer_measures(step, setup, tmp_path_factory, tmp_path):
+    """The ``online`` scorer records epoch 1 of the target's training (12 steps) and makes the split at its end:
+    a stop inside it (step 8) keeps the records in the checkpoint; a stop at its last step (12) writes the split
+    too. Either way the rerun ends as an uninterrupted run does."""
+    extra = ("--confidence_scorer", "online", "--num_train_epochs", "2")
+    expected = tmp_path_factory.getbasetemp() / "online_uninterrupted"
+    if not (expected / "final").exists():
+        proc = _run(
+            [
+                sys.executable,
+                "-m",
+                "sftmix.cli",
+                *_args("run", setup["model"], setup["data"], expected, *extra),
+            ]
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    args = _args("run", setup["model"], setup["data"], out, *extra)
+    proc = _run([sys.executable, SIGNAL_AT, "train", str(step), "TERM", "0", *args])
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert f"at step {step}" in _stopped_line(proc.stderr)
+    assert (out / "dynamics" / "dynamics.jsonl").exists() == (step == 12)
+    rerun = _run([sys.executable, "-m", "sftmix.cli", *args])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    _assert_same_result(out, expected)
 
 
 def test_a_second_signal_exits_at_once(tmp_path):

@@ -22,6 +22,7 @@ from transformers import TrainerCallback
 from ..data.dataset import IGNORE_INDEX, content_id
 from ..errors import SFTMixError
 from ..io_utils import atomic_write_json
+from ..preemption import stopped_early
 from .files import write_stage1
 
 RECORDS_FILE = "sftmix_nll_records.json"
@@ -221,11 +222,14 @@ class DynamicsCallback(TrainerCallback):
                 self.save_records(checkpoint)
 
     def on_epoch_end(self, args, state, control, **kwargs):
+        epoch_complete = float(state.epoch or 0).is_integer()  # a stop (preemption) can end an epoch early
+        if stopped_early(state, control) and not epoch_complete:  # its records are in the stop's checkpoint
+            return
         if self.epochs is not None and self.written is None and round(state.epoch or 0) >= self.epochs:
             self.write()
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.written is None:
+        if self.written is None and not stopped_early(state, control):
             self.write()
         if self._handle is not None:
             self._handle.remove()

@@ -468,6 +468,9 @@ def prepare_stage1(host: Stage1Host) -> None:
     ids = [str(i) for i in host.train_dataset["id"]]
     view = view.add_column("id", ids)
     data = Stage1Data(Path(args.output_dir) / DYNAMICS_DIR, ids, view, dataset_fingerprint(view))
+    # Every process looks before any writes: a fast scorer's main process could otherwise finish the files
+    # before another process looks, which would then skip the barrier the writer waits at.
+    PartialState().wait_for_everyone()
     found = existing_stage1(data.out, scorer.name, data.fingerprint)
     if found is not None:
         logger.info("Stage 1 (%s) is done: using %s", scorer.name, found)
