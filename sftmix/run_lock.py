@@ -81,9 +81,17 @@ def _create(path: Path, holder: LockHolder) -> bool:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as f:
-        json.dump(asdict(holder), f)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(holder), f)
+    except BaseException:  # a signal while writing it (`sftmix.preemption`): leave no half-written lock
+        path.unlink(missing_ok=True)
+        raise
     return True
+
+
+UNREADABLE_GRACE_S = 5.0
+"""An unreadable lock younger than this is being written by its holder right now; older, a killed run left it."""
 
 
 @contextmanager
@@ -105,7 +113,15 @@ def output_dir_lock(output_dir: str | os.PathLike) -> Iterator[None]:
             holder = _read_holder(path)
             if holder is None:  # released in between
                 continue
-            if holder.is_alive():
+            if holder.pid < 0:  # unreadable: wait for its writer, unless it is too old to have one
+                try:
+                    age = time.time() - path.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                if age < UNREADABLE_GRACE_S:
+                    time.sleep(0.1)
+                    continue
+            elif holder.is_alive():
                 raise SFTMixError(
                     f"{directory} is in use by another run (host {holder.host}, pid {holder.pid}, since "
                     f"{holder.since}); wait for it to end, or use another output_dir"

@@ -98,6 +98,9 @@ def main(model_dir: str, out_dir: str, batch_size: int = 2) -> None:
             {n: p.detach().contiguous() for n, p in trainer.model.named_parameters()},
             out / "weights.safetensors",
         )
+    if torch.distributed.is_initialized():  # a clean teardown: a rank leaving gloo early can abort the other
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

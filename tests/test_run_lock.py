@@ -95,3 +95,14 @@ def test_only_the_main_process_holds_it_and_an_unused_dir_is_left_as_it_was(tmp_
         holder = json.loads((tmp_path / "b" / LOCK_NAME).read_text())
         assert (holder["host"], holder["pid"]) == (socket.gethostname(), os.getpid())
     assert not (tmp_path / "b").exists()  # created for the lock, nothing written: removed again
+
+
+def test_a_half_written_lock_of_a_killed_run_is_taken_over(tmp_path, caplog):
+    """A run stopped while writing its lock (a signal between creating and filling it) leaves it unreadable: once
+    it is older than a writer needs, the next run takes it over instead of refusing forever."""
+    (tmp_path / LOCK_NAME).write_text('{"host": "vm", "pi')
+    old = time.time() - 60
+    os.utime(tmp_path / LOCK_NAME, (old, old))
+    with output_dir_lock(tmp_path):
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert "Taking over" in caplog.text and not (tmp_path / LOCK_NAME).exists()
