@@ -224,6 +224,13 @@ def _top_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _say(line: str) -> None:
+    """One line to stderr in one write: `print` writes the text and the newline apart, so the lines of the ranks
+    that share a launcher's stderr could run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -233,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in HANDLERS:
         close = difflib.get_close_matches(command, list(HANDLERS), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        print(f"sftmix: error: unknown command '{command}'{hint}", file=sys.stderr)
+        _say(f"sftmix: error: unknown command '{command}'{hint}")
         return 2
     if command != "datamap" and any(a in ("-h", "--help") for a in rest):
         from transformers import HfArgumentParser
@@ -249,13 +256,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 HANDLERS[command](rest)
     except SFTMixError as e:
-        print(f"sftmix: error: {e}", file=sys.stderr)
+        _say(f"sftmix: error: {e}")
         return 2
     except StoppedBySignal as e:
-        print(f"sftmix: {e}", file=sys.stderr)
+        _say(f"sftmix: {e}")
         return e.exit_code
     except KeyboardInterrupt:  # a SIGINT the handlers did not see (outside the main thread's Python code)
-        print("sftmix: interrupted; run the same command again to resume", file=sys.stderr)
+        _say("sftmix: interrupted; run the same command again to resume")
         return 130
     return 0
 
