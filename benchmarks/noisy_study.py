@@ -174,7 +174,7 @@ def run_noisy(args: argparse.Namespace) -> None:
     for seed in args.seeds:
         for arm in (a for a in ORDER if a in args.arms):
             run = root / f"{arm}-s{seed}"
-            if overfit._all_evaluated(done, run.name):
+            if overfit.all_evaluated(done, run.name):
                 continue
             trained_here = not (run / "final" / "config.json").exists()
             if trained_here:
@@ -290,7 +290,7 @@ def _agreement_with_reference(record: Path) -> list[str]:
 def report_noisy(record: Path) -> None:
     """Detection, tables and the paired comparisons, from the record alone, to ``<record>.md`` / ``.json``."""
     loaded = overfit.load_record(record)
-    table = overfit._results(loaded)
+    table = overfit.result_table(loaded)
     arms = [a for a in ORDER if any(a in table.get(m, {}) for m in table)]
     detection = detection_rows(record)
     lines = [
@@ -323,7 +323,7 @@ def report_noisy(record: Path) -> None:
     pairs = [(arm, "ntp") for arm in arms if arm not in ("ntp", "clean")]
     pairs += [("sftmix", "random"), ("sftmix", "filter"), ("filter_mixup", "filter")]
     pairs += [(arm, "clean") for arm in arms if arm != "clean"]
-    rows = overfit._rows(
+    rows = overfit.paired_rows(
         loaded, table, [(a, b) for a, b in pairs if a in arms and b in arms], "{arm} − {base}"
     )
     lines += [
@@ -335,18 +335,8 @@ def report_noisy(record: Path) -> None:
         "| --- | --- | --- | --- | --- | --- | --- |",
         *rows,
     ]
-    precisions = overfit.recorded_precisions(record)
-    lines += [
-        "",
-        f"Precision of the recorded runs: {', '.join(f'{r}: {p}' for r, p in precisions.items()) or 'none yet'}"
-        + (" (MIXED: compare only runs of one precision)." if len(set(precisions.values())) > 1 else "."),
-    ]
-    missing = [
-        f"{a}-s{s}"
-        for a in ORDER
-        for s in overfit.recorded_seeds(loaded, SEEDS)
-        if not overfit._all_evaluated(loaded, f"{a}-s{s}")
-    ]
+    lines += ["", overfit.precision_line(record)]
+    missing = overfit.missing_runs(loaded, ORDER, overfit.recorded_seeds(loaded, SEEDS))
     lines += ["", f"Missing (arm-seed, not all 4 epochs evaluated): {', '.join(missing) or 'none'}."]
     text = "\n".join(lines) + "\n"
     atomic_write_text(record.parent / f"{record.name}.md", text)

@@ -125,7 +125,7 @@ def run_overfit(args: argparse.Namespace) -> None:
     common = [*training_flags(args), "--dataset_name", str(sets["train"])]
     arms = [arm for group in ORDER for arm in group if arm in args.arms]
     done = load_record(record)
-    todo = [f"{a}-s{seed}" for a in arms for seed in args.seeds if not _all_evaluated(done, f"{a}-s{seed}")]
+    todo = [f"{a}-s{seed}" for a in arms for seed in args.seeds if not all_evaluated(done, f"{a}-s{seed}")]
     # The paper's split, one for every seed and machine: the recorded one (a split file too), else stage 1 here.
     split = record / "dynamics.jsonl"
     if not split.exists() and any(run.rsplit("-s", 1)[0] in ("sftmix", "random") for run in todo):
@@ -196,6 +196,16 @@ def record_precision(run: Path, record: Path) -> None:
         atomic_write_json(target, {"precision": json.loads(info.read_text())["precision"]})
 
 
+def precision_line(record: Path, which: str = "the recorded runs") -> str:
+    """The report's line on the precision each run trained in, flagged when the record mixes precisions."""
+    precisions = recorded_precisions(record)
+    return (
+        f"Precision of {which}: "
+        + (", ".join(f"{r}: {p}" for r, p in precisions.items()) or "none yet")
+        + (" (MIXED: compare only runs of one precision)." if len(set(precisions.values())) > 1 else ".")
+    )
+
+
 def recorded_precisions(record: Path) -> dict[str, str]:
     """``{run: precision}`` of the runs whose precision is recorded."""
     return {
@@ -262,17 +272,22 @@ def load_record(record: Path) -> Loaded:
     return loaded
 
 
+def missing_runs(loaded: Loaded, arms: Sequence[str], seeds: Sequence[int]) -> list[str]:
+    """The arm-seeds of ``seeds`` whose 4 epochs the record does not all hold with per-item fields."""
+    return [f"{a}-s{s}" for a in arms for s in seeds if not all_evaluated(loaded, f"{a}-s{s}")]
+
+
 def recorded_seeds(loaded: Loaded, seeds: Sequence[int] = ()) -> list[int]:
     """``seeds`` and every seed the record holds, sorted: the seeds a report covers."""
     return sorted({*seeds, *(int(run.rsplit("-s", 1)[1]) for run, _, _ in loaded)})
 
 
-def _all_evaluated(loaded: Loaded, run: str) -> bool:
+def all_evaluated(loaded: Loaded, run: str) -> bool:
     """Every epoch and set recorded with its per-item fields (without them a run is redone: no intervals)."""
     return all(_has_items(loaded, run, e, s) for e in EVAL_EPOCHS for s in EVAL_SETS)
 
 
-def _results(loaded: Loaded) -> dict[str, dict[str, dict[int, dict[int, float]]]]:
+def result_table(loaded: Loaded) -> dict[str, dict[str, dict[int, dict[int, float]]]]:
     """``{set/metric: {arm: {epoch: {seed: value}}}}`` from every recorded evaluation."""
     table: dict = {}
     for (run, epoch, name), data in loaded.items():
@@ -325,7 +340,7 @@ def report_overfit(record: Path, seeds: Sequence[int] = SEEDS) -> None:
     """Tables, comparisons and missing cells, from the record alone, to ``<record>.md`` / ``<record>.json``;
     an arm-seed is missing if ``seeds`` or the record has the seed and the record does not hold all of it."""
     loaded = load_record(record)
-    table = _results(loaded)
+    table = result_table(loaded)
     arms = [a for group in ORDER for a in group if any(a in table.get(m, {}) for m in table)]
     lines = [
         f"Efficacy study `overfit` ({time.strftime('%Y-%m-%d')}): {N_TRAIN} Alpaca examples x {EPOCHS} epochs; "
@@ -343,19 +358,13 @@ def report_overfit(record: Path, seeds: Sequence[int] = SEEDS) -> None:
             f"Recorded without per-item fields (in the tables, not in the comparisons; a rerun trains them "
             f"again): {', '.join(without)}.",
         ]
-    precisions = recorded_precisions(record)
     lines += [
         "",
-        "Precision of the runs that record it (earlier ones trained in bf16 on CPUs with native bf16): "
-        + (", ".join(f"{r}: {p}" for r, p in precisions.items()) or "none")
-        + (" (MIXED: compare only runs of one precision)." if len(set(precisions.values())) > 1 else "."),
+        precision_line(
+            record, "the runs that record it (earlier ones trained in bf16 on CPUs with native bf16)"
+        ),
     ]
-    missing = [
-        f"{arm}-s{seed}"
-        for arm in ARMS
-        for seed in recorded_seeds(loaded, seeds)
-        if not _all_evaluated(loaded, f"{arm}-s{seed}")
-    ]
+    missing = missing_runs(loaded, ARMS, recorded_seeds(loaded, seeds))
     lines += [
         "",
         f"Missing (arm-seed, not all 4 epochs evaluated with per-item fields): {', '.join(missing) or 'none'}.",
@@ -417,14 +426,14 @@ def _comparisons(loaded: Loaded, table: dict, arms: list[str]) -> list[str]:
         "| set/metric | arm − ntp | epochs (arm / ntp) | seeds | difference | 95% interval | per-seed |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    lines += _rows(loaded, table, [(arm, "ntp") for arm in arms if arm != "ntp"], label="{arm}")
+    lines += paired_rows(loaded, table, [(arm, "ntp") for arm in arms if arm != "ntp"], label="{arm}")
     # The split ablation asked directly: does the paper's split beat a random one, or the online scorer's?
     pairs = [
         ("sftmix", other)
         for other in ("random", "cheap", "dft", "bema")
         if "sftmix" in arms and other in arms
     ]
-    rows = _rows(loaded, table, pairs, label="sftmix − {base}")
+    rows = paired_rows(loaded, table, pairs, label="sftmix − {base}")
     if rows:
         lines += [
             "",
@@ -438,7 +447,7 @@ def _comparisons(loaded: Loaded, table: dict, arms: list[str]) -> list[str]:
     return lines
 
 
-def _rows(loaded: Loaded, table: dict, pairs: list[tuple[str, str]], label: str) -> list[str]:
+def paired_rows(loaded: Loaded, table: dict, pairs: list[tuple[str, str]], label: str) -> list[str]:
     """One row per set, metric, (arm, base) pair and epoch choice (last, each one's best): arm minus base."""
 
     def paired(arm: str, base: str, epochs: tuple[int, ...]) -> list[int]:
@@ -488,7 +497,7 @@ def draw_figure(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = _results(load_record(record))
+    table = result_table(load_record(record))
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
     for row, name in enumerate(EVAL_SETS):
         for col, metric in enumerate(("perplexity", "ece")):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -26,6 +27,17 @@ def ntp_train_argv(model: str, out: Path, *extra: str) -> list[str]:
         "--use_cpu", "true", "--bf16", "false", "--mixup_weight", "0", "--per_device_train_batch_size", "2",
         "--report_to", "none", "--output_dir", str(out), *extra,
     ]  # fmt: skip
+
+
+def write_addition_data(path: Path, n: int = 48) -> Path:
+    """``n`` Alpaca rows "Add a and b." -> "a + b = c ok ok" (responses of 1 to 5 extra tokens, so the split has
+    two sides), as a JSONL file at ``path``."""
+    rows = [
+        {"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a} + {b} = {a + b}" + " ok" * (a % 5)}
+        for a, b in zip(range(3, 3 + n), range(50, 50 - n, -1), strict=True)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 TOKENIZER_DIR = ASSETS / "tiny_tokenizer"

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from sftmix.io_utils import atomic_write_jsonl, read_jsonl
 
@@ -78,6 +80,53 @@ def _fake_eval(out: Path, shift: float, seed: int = 0) -> None:
     atomic_write_jsonl(out / "predictions.jsonl", rows)
     metrics = dict.fromkeys(overfit_study.METRICS, 1.0 + shift)
     (out / "eval.json").write_text(json.dumps({"perplexity": metrics}))
+
+
+def _fake_sh(
+    commands: list[list[str]],
+    shift: Callable[[str], float] = lambda model: 0.0,
+    precision: Callable[[str], str | None] = lambda run: None,
+) -> Callable[[list[str], Path], None]:
+    """A study's ``sh`` that runs nothing: it keeps each command and leaves what the command would (stage 1: a
+    split of 8 examples, confidence -i; training: checkpoints of epochs 1, 2, 4 and a final model, with
+    ``precision(run name)`` recorded when given; an evaluation: ``_fake_eval`` with ``shift(model path)``)."""
+
+    def sh(cmd: list[str], log: Path) -> None:
+        commands.append(cmd)
+        out = Path(cmd[cmd.index("--output_dir") + 1])
+        if cmd[1] == "dynamics":
+            rows = [
+                {
+                    "id": f"x{i}",
+                    "confidence": -i,
+                    "variability": i % 3,
+                    "split": "confident" if i < 4 else "unconfident",
+                }
+                for i in range(8)
+            ]
+            out.mkdir(parents=True)
+            atomic_write_jsonl(out / "dynamics.jsonl", rows)
+        elif cmd[1] == "train":
+            for epoch in (1, 2, 4):
+                (out / f"checkpoint-{epoch}").mkdir(parents=True)
+                (out / f"checkpoint-{epoch}" / "trainer_state.json").write_text(
+                    json.dumps({"epoch": float(epoch)})
+                )
+            (out / "final").mkdir()
+            (out / "final" / "config.json").write_text("{}")
+            if (trained_in := precision(out.name)) is not None:  # what record_precision reads
+                (out / "final" / "sftmix_train.json").write_text(json.dumps({"precision": trained_in}))
+        else:
+            _fake_eval(out, shift(cmd[cmd.index("--model_name_or_path") + 1]))
+
+    return sh
+
+
+@pytest.fixture
+def fast_bootstrap(monkeypatch) -> None:
+    """The studies' paired bootstrap with 200 resamples: the tests check its bookkeeping, not its precision."""
+    full = overfit_study.paired_bootstrap
+    monkeypatch.setattr(overfit_study, "paired_bootstrap", lambda a, b, stat: full(a, b, stat, resamples=200))
 
 
 def test_overfit_report_is_made_from_the_record_and_compares_each_arm_with_ntp(tmp_path):
@@ -154,27 +203,7 @@ def test_overfit_report_gives_the_cheap_splits_agreement(tmp_path):
 def test_overfit_study_continues_from_the_record_on_a_fresh_machine(tmp_path, monkeypatch):
     """A rerun skips what the record holds; a lost evaluation retrains its run on the recorded split."""
     commands: list[list[str]] = []
-
-    def sh(cmd: list[str], log: Path) -> None:
-        commands.append(cmd)
-        out = Path(cmd[cmd.index("--output_dir") + 1])
-        if cmd[1] == "dynamics":
-            rows = [
-                {"id": f"x{i}", "confidence": -i, "split": "confident" if i < 4 else "unconfident"}
-                for i in range(8)
-            ]
-            (out).mkdir(parents=True)
-            atomic_write_jsonl(out / "dynamics.jsonl", rows)
-        elif cmd[1] == "train":
-            for epoch in (1, 2, 4):
-                (out / f"checkpoint-{epoch}").mkdir(parents=True)
-                (out / f"checkpoint-{epoch}" / "trainer_state.json").write_text(
-                    json.dumps({"epoch": float(epoch)})
-                )
-            (out / "final").mkdir()
-            (out / "final" / "config.json").write_text("{}")
-        else:
-            _fake_eval(out, 0.0)
+    sh = _fake_sh(commands)
 
     def make_sets(root: Path) -> dict[str, Path]:
         return {name: root / f"{name}.jsonl" for name in ("train", "indomain", "ood")}
@@ -220,37 +249,14 @@ def test_roc_auc_matches_its_definition():
     assert noisy_study.roc_auc(scores, positive) == expected
 
 
-def test_noisy_study_runs_each_arm_as_asked_and_reports_detection(tmp_path, monkeypatch):
+def test_noisy_study_runs_each_arm_as_asked_and_reports_detection(tmp_path, monkeypatch, fast_bootstrap):
     """The arms' commands (the filter's selection, the clean arm's data, the random arm's shuffled split), the
     detection table from stage 1 alone, and a rerun on a fresh machine that does nothing but report."""
     commands: list[list[str]] = []
     bad = {"x0": "mismatched", "x1": "truncated", "x2": "wrong_language", "x7": "truncated"}
 
-    def sh(cmd: list[str], log: Path) -> None:
-        commands.append(cmd)
-        out = Path(cmd[cmd.index("--output_dir") + 1])
-        if cmd[1] == "dynamics":  # confidence -i: x0 is the most confident, so it is found late
-            rows = [
-                {
-                    "id": f"x{i}",
-                    "confidence": -i,
-                    "variability": i % 3,
-                    "split": "confident" if i < 4 else "unconfident",
-                }
-                for i in range(8)
-            ]
-            out.mkdir(parents=True)
-            atomic_write_jsonl(out / "dynamics.jsonl", rows)
-        elif cmd[1] == "train":
-            for epoch in (1, 2, 4):
-                (out / f"checkpoint-{epoch}").mkdir(parents=True)
-                (out / f"checkpoint-{epoch}" / "trainer_state.json").write_text(
-                    json.dumps({"epoch": float(epoch)})
-                )
-            (out / "final").mkdir()
-            (out / "final" / "config.json").write_text("{}")
-        else:
-            _fake_eval(out, 0.0 if "/ntp-" in cmd[cmd.index("--model_name_or_path") + 1] else 0.3)
+    # confidence -i: x0 is the most confident, so it is found late; every item's NLL 0.3 above ntp's
+    sh = _fake_sh(commands, shift=lambda model: 0.0 if "/ntp-" in model else 0.3)
 
     def make_noisy_sets(root: Path, model: str) -> dict[str, Path]:
         root.mkdir(parents=True, exist_ok=True)
@@ -260,8 +266,6 @@ def test_noisy_study_runs_each_arm_as_asked_and_reports_detection(tmp_path, monk
 
     monkeypatch.setattr(noisy_study, "make_noisy_sets", make_noisy_sets)
     monkeypatch.setattr(noisy_study, "sh", sh)
-    fast = overfit_study.paired_bootstrap
-    monkeypatch.setattr(overfit_study, "paired_bootstrap", lambda a, b, stat: fast(a, b, stat, resamples=200))
     args = efficacy_study.argparse.Namespace(
         root=str(tmp_path / "runs"), record=str(tmp_path / "record"), model="m", max_length=64, batch=2,
         grad_accum=1, lr=1e-5, seeds=[1], arms=["ntp", "random", "filter", "clean"], detect=["reference", "base"],
@@ -302,32 +306,18 @@ def test_noisy_study_runs_each_arm_as_asked_and_reports_detection(tmp_path, monk
     assert commands == []
 
 
-def test_overfit_bema_arm_evaluates_the_bema_weights_and_dft_trains_with_trls_loss(tmp_path, monkeypatch):
+def test_overfit_bema_arm_evaluates_the_bema_weights_and_dft_trains_with_trls_loss(
+    tmp_path, monkeypatch, fast_bootstrap
+):
     commands: list[list[str]] = []
 
-    def sh(cmd: list[str], log: Path) -> None:
-        commands.append(cmd)
-        out = Path(cmd[cmd.index("--output_dir") + 1])
-        if cmd[1] == "train":
-            for epoch in (1, 2, 4):
-                (out / f"checkpoint-{epoch}").mkdir(parents=True)
-                (out / f"checkpoint-{epoch}" / "trainer_state.json").write_text(
-                    json.dumps({"epoch": float(epoch)})
-                )
-            (out / "final").mkdir()
-            (out / "final" / "config.json").write_text("{}")
-            precision = "bf16" if "bema" in out.name else "fp32"  # what record_precision reads
-            (out / "final" / "sftmix_train.json").write_text(json.dumps({"precision": precision}))
-        else:
-            _fake_eval(out, 0.0)
+    sh = _fake_sh(commands, precision=lambda run: "bf16" if "bema" in run else "fp32")
 
     monkeypatch.setattr(
         overfit_study,
         "make_sets",
         lambda root: {n: root / f"{n}.jsonl" for n in ("train", "indomain", "ood")},
     )
-    fast = overfit_study.paired_bootstrap
-    monkeypatch.setattr(overfit_study, "paired_bootstrap", lambda a, b, stat: fast(a, b, stat, resamples=100))
     args = efficacy_study.argparse.Namespace(
         root=str(tmp_path / "runs"), record=str(tmp_path / "record"), arms=["dft", "bema"], seeds=[1],
         model="m", max_length=64, batch=2, grad_accum=1, lr=1e-5, num_checkpoints=2,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_addition_data
 from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -29,15 +30,6 @@ LOSS_RTOL = 1e-5
 NEEDS_DEEPSPEED = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed"
 )
-
-
-def _data(path: Path) -> Path:
-    rows = [
-        {"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a} + {b} = {a + b}" + " ok" * (a % 5)}
-        for a, b in zip(range(3, 35), range(50, 18, -1), strict=True)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def _launcher(kind: str | Path, port: int) -> list[str]:
@@ -100,7 +92,7 @@ def _assert_same_training(two: Path, one: Path, skip: tuple[str, ...] = ()) -> N
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_llama_dir) -> dict:
     root = tmp_path_factory.mktemp("dist_cli")
-    data = _data(root / "data.jsonl")
+    data = write_addition_data(root / "data.jsonl", 32)
     dyn = _sftmix(
         "one", 0, "dynamics", tiny_llama_dir, data, root / "dyn_one",
         "--per_device_train_batch_size", "4", "--num_checkpoints", "2",

@@ -8,7 +8,6 @@ chosen checkpoint is scored; the other tests send it from outside, as a schedule
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_addition_data
 from safetensors.torch import load_file
 
 from sftmix.io_utils import complete_checkpoints
@@ -29,15 +29,6 @@ SIGNAL_AT = str(Path(__file__).with_name("signal_at_step.py"))
 BOUND_S = (
     120  # a stopped run must be gone by then (a hang check on a loaded 2-core machine, not a speed figure)
 )
-
-
-def _data(path: Path) -> Path:
-    rows = [
-        {"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a} + {b} = {a + b}" + " ok" * (a % 5)}
-        for a, b in zip(range(3, 51), range(50, 2, -1), strict=True)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def _args(command: str, model: str, data: Path, out: Path, *extra: str) -> list[str]:
@@ -84,7 +75,7 @@ def _stopped_line(stderr: str, signame: str = "SIGTERM") -> str:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_llama_dir) -> dict:
     root = tmp_path_factory.mktemp("preemption")
-    data = _data(root / "data.jsonl")
+    data = write_addition_data(root / "data.jsonl")
     uninterrupted = root / "uninterrupted"
     proc = _run([sys.executable, "-m", "sftmix.cli", *_args("run", tiny_llama_dir, data, uninterrupted)])
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_addition_data
 from safetensors.torch import load_file
 
 from sftmix.io_utils import complete_checkpoints, last_complete_checkpoint
@@ -27,15 +28,6 @@ from sftmix.io_utils import complete_checkpoints, last_complete_checkpoint
 pytestmark = pytest.mark.slow
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
-
-
-def _data(path: Path) -> Path:
-    rows = [
-        {"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a} + {b} = {a + b}" + " ok" * (a % 5)}
-        for a, b in zip(range(3, 51), range(50, 2, -1), strict=True)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def _argv(model: str, data: Path, out: Path, *extra: str) -> list[str]:
@@ -73,7 +65,7 @@ def _final_loss(out: Path) -> float:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_llama_dir) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("uninterrupted")
-    data = _data(root / "data.jsonl")
+    data = write_addition_data(root / "data.jsonl")
     assert _run(_argv(tiny_llama_dir, data, root / "out")) == 0
     return data, root / "out"
 
@@ -146,7 +138,7 @@ SCORER_KILL_POINTS = {
 
 @pytest.fixture(scope="module")
 def scorer_data(tmp_path_factory) -> Path:
-    return _data(tmp_path_factory.mktemp("scorers") / "data.jsonl")
+    return write_addition_data(tmp_path_factory.mktemp("scorers") / "data.jsonl")
 
 
 @pytest.mark.parametrize("scorer", sorted(SCORER_KILL_POINTS))
