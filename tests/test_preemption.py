@@ -118,6 +118,23 @@ def test_a_signal_in_each_stage_saves_a_resume_point_and_the_rerun_is_identical(
     assert not list((out / "dynamics" / "reference").glob("checkpoint-*"))  # the used resume point is gone
 
 
+def test_the_stop_checkpoint_goes_once_used_while_the_kept_reference_checkpoints_stay(setup, tmp_path):
+    """With ``keep_reference_checkpoints``, a stop between scored steps leaves a resume point (step 6) next to the
+    kept checkpoint of step 4; once stage 1 is complete, only the C scored checkpoints remain."""
+    out = tmp_path / "out"
+    args = _args("dynamics", setup["model"], setup["data"], out, "--keep_reference_checkpoints", "true")
+    proc = _run([sys.executable, SIGNAL_AT, "reference", "6", "TERM", "0", *args])
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert [c.name for c in complete_checkpoints(out / "reference")] == ["checkpoint-4", "checkpoint-6"]
+    rerun = _run([sys.executable, "-m", "sftmix.cli", *args])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert sorted(c.name for c in (out / "reference").glob("checkpoint-*")) == [
+        "checkpoint-12", "checkpoint-4", "checkpoint-8",
+    ]  # fmt: skip
+    want = (setup["expected"] / "dynamics" / "dynamics.jsonl").read_bytes()
+    assert (out / "dynamics.jsonl").read_bytes() == want
+
+
 def test_sigterm_from_outside_stops_stage_3_and_the_rerun_is_identical(setup, tmp_path):
     """As a scheduler sends it: to the running process, at whatever stage 3 is doing once it has saved its first
     checkpoint (every 2 steps here; saving does not change the training)."""

@@ -292,8 +292,10 @@ def train_reference(
         atomic_write_json(marker, record)
         if training_args.keep_reference_checkpoints and not training_args.keep_reference_optimizer:
             drop_optimizer_states([reference_dir / f"checkpoint-{step}" for step in steps])
-        if not training_args.keep_reference_checkpoints:  # a preempted run's resume point, now used
-            for checkpoint in reference_dir.glob("checkpoint-*"):
+        # A preempted run's resume point is used now: only the C scored checkpoints stay, when asked to
+        kept = {f"checkpoint-{step}" for step in steps} if training_args.keep_reference_checkpoints else set()
+        for checkpoint in reference_dir.glob("checkpoint-*"):
+            if checkpoint.name not in kept:
                 shutil.rmtree(checkpoint)
     state.wait_for_everyone()
     return perplexities, steps
