@@ -1,6 +1,6 @@
 """The overfitting study: many epochs on little data, where a regulariser should matter.
 
-    python benchmarks/overfit_study.py --root runs/efficacy --figure docs/efficacy_overfit.png
+    python benchmarks/overfit_study.py --root runs/efficacy --figure docs/efficacy_overfit.png   # + _rivals.png
     python benchmarks/overfit_study.py --arms neftune --seeds 2   # one arm-seed at a time
     python benchmarks/overfit_study.py --report                   # the report, from the record alone
 
@@ -489,9 +489,19 @@ def paired_rows(loaded: Loaded, table: dict, pairs: list[tuple[str, str]], label
     return lines
 
 
+RIVALS = ("ntp", "sftmix", "dft", "bema")
+"""The arms of the rivals' figure: TRL's own answers to overfitting next to NTP and SFTMix."""
+
+
 def draw_figure(
-    record: Path, output: Path, arms: tuple[str, ...] = tuple(ARMS), title: str = f"{N_TRAIN} Alpaca examples"
+    record: Path,
+    output: Path,
+    arms: Sequence[str] = tuple(a for a in ARMS if a not in ("dft", "bema")),
+    title: str = f"{N_TRAIN} Alpaca examples",
+    log_y: bool = False,
 ) -> None:
+    """Mean (band: min-max over seeds) perplexity and ECE per epoch of ``arms`` (the record's others left out:
+    DFT's perplexity, 2-3x the others', would flatten them; it has `RIVALS`' figure, on a log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -503,7 +513,8 @@ def draw_figure(
         for col, metric in enumerate(("perplexity", "ece")):
             ax = axes[row][col]
             lines = table.get(f"{name}/{metric}", {})
-            for arm, by_epoch in sorted(lines.items(), key=lambda item: list(arms).index(item[0])):
+            for arm in (a for a in arms if a in lines):
+                by_epoch = lines[arm]
                 epochs = sorted(by_epoch)
                 values = [list(by_epoch[e].values()) for e in epochs]
                 mean = [statistics.mean(v) for v in values]
@@ -521,6 +532,8 @@ def draw_figure(
                 f"{'in-domain (Alpaca)' if name == 'indomain' else 'out-of-domain (GPTeacher Roleplay)'}: {metric}"
             )
             ax.set_xscale("log", base=2)
+            if log_y:
+                ax.set_yscale("log")
             ax.set_xticks(list(EVAL_EPOCHS), [str(e) for e in EVAL_EPOCHS])
             ax.grid(alpha=0.3)
     axes[1][0].set_xlabel("epoch")
@@ -543,7 +556,10 @@ def run(args: argparse.Namespace) -> None:
     else:
         run_overfit(args)
     if args.figure:
-        draw_figure(Path(args.record), Path(args.figure))
+        figure = Path(args.figure)
+        draw_figure(Path(args.record), figure)
+        rivals = figure.with_name(f"{figure.stem}_rivals{figure.suffix}")
+        draw_figure(Path(args.record), rivals, RIVALS, f"{N_TRAIN} Alpaca examples, TRL's rivals", log_y=True)
 
 
 def main() -> None:
@@ -560,7 +576,11 @@ def main() -> None:
     parser.add_argument(
         "--report", action="store_true", help="only record what --root has finished and write the report"
     )
-    parser.add_argument("--figure", default=None, help="also draw the per-epoch figure to this file")
+    parser.add_argument(
+        "--figure",
+        default=None,
+        help="also draw the per-epoch figure to this file, and TRL's rivals' figure next to it (<name>_rivals.png)",
+    )
     run(parser.parse_args())
 
 

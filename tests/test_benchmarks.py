@@ -337,3 +337,6 @@ def test_overfit_bema_arm_evaluates_the_bema_weights_and_dft_trains_with_trls_lo
         "bema-s1: bf16, dft-s1: fp32 (MIXED: compare only runs of one precision)"
         in (tmp_path / "record.md").read_text()
     )
+    # the rivals' figure draws the arms the record has (no ntp or sftmix here), on a log scale
+    overfit_study.draw_figure(tmp_path / "record", tmp_path / "rivals.png", overfit_study.RIVALS, log_y=True)
+    assert (tmp_path / "rivals.png").stat().st_size > 10_000
